@@ -1,0 +1,5 @@
+//! Configuration: the lenient Hugging Face `config.json` mirror resolved into typed model configs.
+
+pub mod hf;
+
+pub use hf::{Arch, LayerType, LinearAttnConfig, RopeConfig, RopeScaling, TargetConfig};

@@ -1,0 +1,3 @@
+fn main() -> anyhow::Result<()> {
+    specforge_rs::cli::main()
+}
