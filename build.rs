@@ -7,10 +7,8 @@ fn main() {
     if let Some(lib) = std::env::var_os("DEP_TCH_LIBTORCH_LIB") {
         let lib = std::path::PathBuf::from(lib);
         println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib.display());
-        let want_cuda = std::env::var("TCH_LINK_CUDA")
-            .map(|v| v == "1")
-            .unwrap_or(false)
-            || std::env::var_os("CARGO_FEATURE_CUDA").is_some();
+        let want_cuda =
+            std::env::var("TCH_LINK_CUDA").map(|v| v == "1").unwrap_or(false) || std::env::var_os("CARGO_FEATURE_CUDA").is_some();
         if want_cuda && lib.join("libtorch_cuda.so").exists() {
             println!("cargo:rustc-link-arg=-Wl,--no-as-needed,-ltorch_cuda,--as-needed");
         }

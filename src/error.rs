@@ -93,10 +93,7 @@ pub enum Error {
     },
 
     /// A tensor has a different shape than the config implies.
-    #[error(
-        "tensor `{name}` has shape {got:?}, expected {expected:?}{}",
-        origin(path)
-    )]
+    #[error("tensor `{name}` has shape {got:?}, expected {expected:?}{}", origin(path))]
     Shape {
         /// Tensor name.
         name: String,
@@ -149,9 +146,7 @@ pub enum Error {
 }
 
 fn origin(path: &Option<PathBuf>) -> String {
-    path.as_ref()
-        .map(|p| format!(" in {}", p.display()))
-        .unwrap_or_default()
+    path.as_ref().map(|p| format!(" in {}", p.display())).unwrap_or_default()
 }
 
 /// The library's result type.
@@ -160,23 +155,12 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 impl Error {
     /// Wraps an I/O error with the path it concerns.
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Error::Io {
-            path: path.into(),
-            source,
-        }
+        Error::Io { path: path.into(), source }
     }
 
     /// A config error on `field` of `path`.
-    pub fn config(
-        path: impl Into<PathBuf>,
-        field: impl Into<String>,
-        problem: impl Into<String>,
-    ) -> Self {
-        Error::Config {
-            path: path.into(),
-            field: field.into(),
-            problem: problem.into(),
-        }
+    pub fn config(path: impl Into<PathBuf>, field: impl Into<String>, problem: impl Into<String>) -> Self {
+        Error::Config { path: path.into(), field: field.into(), problem: problem.into() }
     }
 }
 
@@ -188,8 +172,5 @@ pub fn read_to_string(path: &std::path::Path) -> Result<String> {
 /// Reads and parses a JSON file, naming it on failure.
 pub fn read_json<T: serde::de::DeserializeOwned>(path: &std::path::Path) -> Result<T> {
     let text = read_to_string(path)?;
-    serde_json::from_str(&text).map_err(|source| Error::Json {
-        path: path.to_path_buf(),
-        source,
-    })
+    serde_json::from_str(&text).map_err(|source| Error::Json { path: path.to_path_buf(), source })
 }

@@ -10,10 +10,12 @@
 pub mod cli;
 pub mod config;
 pub mod data;
+pub mod draft;
 pub mod error;
 pub mod generate;
 pub mod nn;
 pub mod target;
+pub mod train;
 pub mod util;
 pub mod weights;
 

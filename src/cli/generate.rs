@@ -64,17 +64,11 @@ fn read_conversations(path: &PathBuf) -> anyhow::Result<Vec<Value>> {
         if line.trim().is_empty() {
             continue;
         }
-        let v: Value = serde_json::from_str(&line)
-            .with_context(|| format!("{}:{}: invalid JSON", path.display(), i + 1))?;
+        let v: Value = serde_json::from_str(&line).with_context(|| format!("{}:{}: invalid JSON", path.display(), i + 1))?;
         let Some(Value::Array(mut msgs)) = v.get("messages").cloned() else {
             bail!("{}:{}: no `messages` array", path.display(), i + 1);
         };
-        if msgs
-            .last()
-            .and_then(|m| m.get("role"))
-            .and_then(Value::as_str)
-            == Some("assistant")
-        {
+        if msgs.last().and_then(|m| m.get("role")).and_then(Value::as_str) == Some("assistant") {
             msgs.pop();
         }
         out.push(Value::Array(msgs));
@@ -89,11 +83,7 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
     let device = Device::cuda_if_available();
     let model = target::load(&dir, kind, device)?;
     let tok = Tokenizer::from_dir(&dir)?;
-    let mut convs: Vec<Value> = a
-        .prompt
-        .iter()
-        .map(|p| json!([{"role": "user", "content": p}]))
-        .collect();
+    let mut convs: Vec<Value> = a.prompt.iter().map(|p| json!([{"role": "user", "content": p}])).collect();
     if let Some(p) = &a.prompts {
         convs.extend(read_conversations(p)?);
     }
@@ -107,44 +97,23 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
     if let Some(id) = tok.eos_token.as_deref().and_then(|t| tok.token_to_id(t)) {
         stop_ids.push(id);
     }
-    let opts = GenerateOptions {
-        max_new_tokens: a.max_new_tokens,
-        stop_ids,
-        temperature: a.temperature,
-        top_p: a.top_p,
-    };
+    let opts = GenerateOptions { max_new_tokens: a.max_new_tokens, stop_ids, temperature: a.temperature, top_p: a.top_p };
     tch::manual_seed(a.seed);
     let start = Instant::now();
     let mut new_tokens = 0usize;
     for chunk in convs.chunks(a.batch_size.max(1)) {
         let prompts = chunk
             .iter()
-            .map(|c| {
-                tok.apply_chat_template(c, true)
-                    .and_then(|s| tok.encode(&s, false))
-            })
+            .map(|c| tok.apply_chat_template(c, true).and_then(|s| tok.encode(&s, false)))
             .collect::<crate::Result<Vec<_>>>()?;
         let answers = generate(model.as_ref(), &prompts, &opts, device)?;
         for (c, ans) in chunk.iter().zip(&answers) {
             new_tokens += ans.len();
-            let question = c
-                .as_array()
-                .and_then(|m| m.last())
-                .and_then(|m| m.get("content"))
-                .and_then(Value::as_str)
-                .unwrap_or("");
-            println!(
-                "### {}\n{}\n",
-                question.trim(),
-                tok.decode(ans, true)?.trim()
-            );
+            let question = c.as_array().and_then(|m| m.last()).and_then(|m| m.get("content")).and_then(Value::as_str).unwrap_or("");
+            println!("### {}\n{}\n", question.trim(), tok.decode(ans, true)?.trim());
         }
     }
     let secs = start.elapsed().as_secs_f64();
-    println!(
-        "{} answers, {new_tokens} new tokens in {secs:.1} s ({:.1} tokens/s)",
-        convs.len(),
-        new_tokens as f64 / secs
-    );
+    println!("{} answers, {new_tokens} new tokens in {secs:.1} s ({:.1} tokens/s)", convs.len(), new_tokens as f64 / secs);
     Ok(())
 }

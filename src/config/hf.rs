@@ -197,11 +197,7 @@ fn canonical(v: &Value) -> Value {
         Value::Object(m) => {
             let mut keys: Vec<&String> = m.keys().collect();
             keys.sort();
-            Value::Object(
-                keys.into_iter()
-                    .map(|k| (k.clone(), canonical(&m[k])))
-                    .collect(),
-            )
+            Value::Object(keys.into_iter().map(|k| (k.clone(), canonical(&m[k]))).collect())
         }
         Value::Array(a) => Value::Array(a.iter().map(canonical).collect()),
         other => other.clone(),
@@ -224,40 +220,23 @@ impl TargetConfig {
     /// model_type outside [`SUPPORTED_MODEL_TYPES`], [`Error::Config`] naming the field for
     /// missing or inconsistent values.
     pub fn from_path(path: &Path) -> Result<Self> {
-        let file = if path.is_dir() {
-            path.join("config.json")
-        } else {
-            path.to_path_buf()
-        };
+        let file = if path.is_dir() { path.join("config.json") } else { path.to_path_buf() };
         let text = read_to_string(&file)?;
         Self::from_json_str(&text, &file)
     }
 
     /// Resolves a config from its JSON text; `source` is only used in errors.
     pub fn from_json_str(text: &str, source: &Path) -> Result<Self> {
-        let value: Value = serde_json::from_str(text).map_err(|e| Error::Json {
-            path: source.to_path_buf(),
-            source: e,
-        })?;
-        let config_hash = format!(
-            "{:016x}",
-            xxhash_rust::xxh3::xxh3_64(canonical(&value).to_string().as_bytes())
-        );
-        let top: HfConfig = serde_json::from_value(value).map_err(|e| Error::Json {
-            path: source.to_path_buf(),
-            source: e,
-        })?;
+        let value: Value = serde_json::from_str(text).map_err(|e| Error::Json { path: source.to_path_buf(), source: e })?;
+        let config_hash = format!("{:016x}", xxhash_rust::xxh3::xxh3_64(canonical(&value).to_string().as_bytes()));
+        let top: HfConfig = serde_json::from_value(value).map_err(|e| Error::Json { path: source.to_path_buf(), source: e })?;
         resolve(&top, config_hash, source)
     }
 }
 
 fn resolve(top: &HfConfig, config_hash: String, source: &Path) -> Result<TargetConfig> {
     let text = top.text_config.as_deref().unwrap_or(top);
-    let model_type = text
-        .model_type
-        .clone()
-        .or_else(|| top.model_type.clone())
-        .unwrap_or_default();
+    let model_type = text.model_type.clone().or_else(|| top.model_type.clone()).unwrap_or_default();
     let arch = match model_type.as_str() {
         "llama" => Arch::Llama,
         "qwen2" => Arch::Qwen2,
@@ -274,27 +253,18 @@ fn resolve(top: &HfConfig, config_hash: String, source: &Path) -> Result<TargetC
     let need = |v: Option<i64>, field: &str| -> Result<i64> {
         match v {
             Some(x) if x > 0 => Ok(x),
-            Some(x) => Err(Error::config(
-                source,
-                field,
-                format!("must be positive, got {x}"),
-            )),
+            Some(x) => Err(Error::config(source, field, format!("must be positive, got {x}"))),
             None => Err(Error::config(source, field, "is missing")),
         }
     };
     let hidden_size = need(text.hidden_size, "hidden_size")?;
     let num_attention_heads = need(text.num_attention_heads, "num_attention_heads")?;
-    let num_key_value_heads = need(
-        text.num_key_value_heads.or(Some(num_attention_heads)),
-        "num_key_value_heads",
-    )?;
+    let num_key_value_heads = need(text.num_key_value_heads.or(Some(num_attention_heads)), "num_key_value_heads")?;
     if num_attention_heads % num_key_value_heads != 0 {
         return Err(Error::config(
             source,
             "num_key_value_heads",
-            format!(
-                "{num_key_value_heads} does not divide num_attention_heads {num_attention_heads}"
-            ),
+            format!("{num_key_value_heads} does not divide num_attention_heads {num_attention_heads}"),
         ));
     }
     let head_dim = match text.head_dim {
@@ -313,29 +283,18 @@ fn resolve(top: &HfConfig, config_hash: String, source: &Path) -> Result<TargetC
     let num_hidden_layers = need(text.num_hidden_layers, "num_hidden_layers")?;
     if let Some(act) = &text.hidden_act {
         if act != "silu" {
-            return Err(Error::config(
-                source,
-                "hidden_act",
-                format!("only `silu` is implemented, got `{act}`"),
-            ));
+            return Err(Error::config(source, "hidden_act", format!("only `silu` is implemented, got `{act}`")));
         }
     }
     if text.use_sliding_window == Some(true) {
-        return Err(Error::config(
-            source,
-            "use_sliding_window",
-            "sliding-window attention is not implemented (true)",
-        ));
+        return Err(Error::config(source, "use_sliding_window", "sliding-window attention is not implemented (true)"));
     }
 
     let rope = resolve_rope(text, arch, source)?;
     let layer_types = resolve_layer_types(text, arch, num_hidden_layers, source)?;
     let linear_attn = if arch == Arch::Qwen3_5 {
         Some(LinearAttnConfig {
-            conv_kernel_dim: need(
-                text.linear_conv_kernel_dim.or(Some(4)),
-                "linear_conv_kernel_dim",
-            )?,
+            conv_kernel_dim: need(text.linear_conv_kernel_dim.or(Some(4)), "linear_conv_kernel_dim")?,
             key_head_dim: need(text.linear_key_head_dim, "linear_key_head_dim")?,
             value_head_dim: need(text.linear_value_head_dim, "linear_value_head_dim")?,
             num_key_heads: need(text.linear_num_key_heads, "linear_num_key_heads")?,
@@ -349,10 +308,7 @@ fn resolve(top: &HfConfig, config_hash: String, source: &Path) -> Result<TargetC
             return Err(Error::config(
                 source,
                 "linear_num_value_heads",
-                format!(
-                    "{} is not a multiple of linear_num_key_heads {}",
-                    la.num_value_heads, la.num_key_heads
-                ),
+                format!("{} is not a multiple of linear_num_key_heads {}", la.num_value_heads, la.num_key_heads),
             ));
         }
     }
@@ -376,10 +332,7 @@ fn resolve(top: &HfConfig, config_hash: String, source: &Path) -> Result<TargetC
         head_dim,
         rms_norm_eps: text.rms_norm_eps.unwrap_or(1e-6),
         // VLMs keep tie_word_embeddings at the top level; text configs default to the model's own.
-        tie_word_embeddings: top
-            .tie_word_embeddings
-            .or(text.tie_word_embeddings)
-            .unwrap_or(false),
+        tie_word_embeddings: top.tie_word_embeddings.or(text.tie_word_embeddings).unwrap_or(false),
         rope,
         qkv_bias,
         o_bias,
@@ -405,39 +358,16 @@ fn resolve_rope(text: &HfConfig, arch: Arch, source: &Path) -> Result<RopeConfig
     // transformers 5 `rope_parameters` wins; the legacy pair is rope_theta + rope_scaling.
     let params = text.rope_parameters.as_ref().filter(|v| v.is_object());
     let scaling = text.rope_scaling.as_ref().filter(|v| v.is_object());
-    let get = |key: &str| -> Option<&Value> {
-        params
-            .and_then(|p| p.get(key))
-            .or_else(|| scaling.and_then(|s| s.get(key)))
-    };
+    let get = |key: &str| -> Option<&Value> { params.and_then(|p| p.get(key)).or_else(|| scaling.and_then(|s| s.get(key))) };
     let num = |key: &str| get(key).and_then(Value::as_f64);
-    let default_theta = if arch == Arch::Qwen3_5 {
-        10_000_000.0
-    } else {
-        10_000.0
-    };
-    let theta = num("rope_theta")
-        .or(text.rope_theta)
-        .unwrap_or(default_theta);
-    let rope_type = get("rope_type")
-        .or_else(|| get("type"))
-        .and_then(Value::as_str)
-        .unwrap_or("default");
+    let default_theta = if arch == Arch::Qwen3_5 { 10_000_000.0 } else { 10_000.0 };
+    let theta = num("rope_theta").or(text.rope_theta).unwrap_or(default_theta);
+    let rope_type = get("rope_type").or_else(|| get("type")).and_then(Value::as_str).unwrap_or("default");
     let field = |k: &str| format!("rope_parameters.{k}");
-    let need = |key: &str| {
-        num(key).ok_or_else(|| {
-            Error::config(
-                source,
-                field(key),
-                format!("is required for rope_type `{rope_type}`"),
-            )
-        })
-    };
+    let need = |key: &str| num(key).ok_or_else(|| Error::config(source, field(key), format!("is required for rope_type `{rope_type}`")));
     let scaling = match rope_type {
         "default" => RopeScaling::Default,
-        "linear" => RopeScaling::Linear {
-            factor: need("factor")?,
-        },
+        "linear" => RopeScaling::Linear { factor: need("factor")? },
         "llama3" => RopeScaling::Llama3 {
             factor: need("factor")?,
             low_freq_factor: need("low_freq_factor")?,
@@ -452,37 +382,17 @@ fn resolve_rope(text: &HfConfig, arch: Arch, source: &Path) -> Result<RopeConfig
             ))
         }
     };
-    let partial_rotary_factor = num("partial_rotary_factor")
-        .or(text.partial_rotary_factor)
-        .unwrap_or(if arch == Arch::Qwen3_5 { 0.25 } else { 1.0 });
-    let mrope_section = get("mrope_section")
-        .and_then(Value::as_array)
-        .map(|a| a.iter().filter_map(Value::as_i64).collect::<Vec<_>>());
-    let mrope_interleaved = get("mrope_interleaved")
-        .and_then(Value::as_bool)
-        .unwrap_or(false);
-    Ok(RopeConfig {
-        theta,
-        scaling,
-        partial_rotary_factor,
-        mrope_section,
-        mrope_interleaved,
-    })
+    let partial_rotary_factor =
+        num("partial_rotary_factor").or(text.partial_rotary_factor).unwrap_or(if arch == Arch::Qwen3_5 { 0.25 } else { 1.0 });
+    let mrope_section = get("mrope_section").and_then(Value::as_array).map(|a| a.iter().filter_map(Value::as_i64).collect::<Vec<_>>());
+    let mrope_interleaved = get("mrope_interleaved").and_then(Value::as_bool).unwrap_or(false);
+    Ok(RopeConfig { theta, scaling, partial_rotary_factor, mrope_section, mrope_interleaved })
 }
 
-fn resolve_layer_types(
-    text: &HfConfig,
-    arch: Arch,
-    n: i64,
-    source: &Path,
-) -> Result<Vec<LayerType>> {
+fn resolve_layer_types(text: &HfConfig, arch: Arch, n: i64, source: &Path) -> Result<Vec<LayerType>> {
     if let Some(types) = &text.layer_types {
         if types.len() as i64 != n {
-            return Err(Error::config(
-                source,
-                "layer_types",
-                format!("has {} entries but num_hidden_layers is {n}", types.len()),
-            ));
+            return Err(Error::config(source, "layer_types", format!("has {} entries but num_hidden_layers is {n}", types.len())));
         }
         return types
             .iter()
@@ -490,32 +400,16 @@ fn resolve_layer_types(
             .map(|(i, t)| match t.as_str() {
                 "full_attention" => Ok(LayerType::FullAttention),
                 "linear_attention" if arch == Arch::Qwen3_5 => Ok(LayerType::LinearAttention),
-                other => Err(Error::config(
-                    source,
-                    format!("layer_types[{i}]"),
-                    format!("`{other}` is not supported for {}", arch.name()),
-                )),
+                other => Err(Error::config(source, format!("layer_types[{i}]"), format!("`{other}` is not supported for {}", arch.name()))),
             })
             .collect();
     }
     if arch == Arch::Qwen3_5 {
         let every = text.full_attention_interval.unwrap_or(4);
         if every <= 0 {
-            return Err(Error::config(
-                source,
-                "full_attention_interval",
-                format!("must be positive, got {every}"),
-            ));
+            return Err(Error::config(source, "full_attention_interval", format!("must be positive, got {every}")));
         }
-        return Ok((0..n)
-            .map(|i| {
-                if (i + 1) % every == 0 {
-                    LayerType::FullAttention
-                } else {
-                    LayerType::LinearAttention
-                }
-            })
-            .collect());
+        return Ok((0..n).map(|i| if (i + 1) % every == 0 { LayerType::FullAttention } else { LayerType::LinearAttention }).collect());
     }
     Ok(vec![LayerType::FullAttention; n as usize])
 }
@@ -545,11 +439,9 @@ mod tests {
 
     #[test]
     fn transformers5_rope_spelling() {
-        let c = cfg(
-            r#"{"model_type":"qwen3","vocab_size":128,"hidden_size":64,"intermediate_size":128,
+        let c = cfg(r#"{"model_type":"qwen3","vocab_size":128,"hidden_size":64,"intermediate_size":128,
             "num_hidden_layers":2,"num_attention_heads":4,"num_key_value_heads":2,"head_dim":32,
-            "rope_parameters":{"rope_type":"default","rope_theta":1000000.0}}"#,
-        )
+            "rope_parameters":{"rope_type":"default","rope_theta":1000000.0}}"#)
         .unwrap();
         assert_eq!(c.rope.theta, 1e6);
         assert_eq!(c.head_dim, 32);
@@ -559,10 +451,8 @@ mod tests {
 
     #[test]
     fn qwen2_bias_is_hardwired() {
-        let c = cfg(
-            r#"{"model_type":"qwen2","vocab_size":128,"hidden_size":64,"intermediate_size":128,
-            "num_hidden_layers":2,"num_attention_heads":4,"num_key_value_heads":2}"#,
-        )
+        let c = cfg(r#"{"model_type":"qwen2","vocab_size":128,"hidden_size":64,"intermediate_size":128,
+            "num_hidden_layers":2,"num_attention_heads":4,"num_key_value_heads":2}"#)
         .unwrap();
         assert!(c.qkv_bias && !c.o_bias);
     }
@@ -570,17 +460,12 @@ mod tests {
     #[test]
     fn unknown_model_type_lists_supported() {
         let e = cfg(r#"{"model_type":"gpt2"}"#).unwrap_err().to_string();
-        assert!(
-            e.contains("gpt2") && e.contains("qwen3") && e.contains("llama"),
-            "{e}"
-        );
+        assert!(e.contains("gpt2") && e.contains("qwen3") && e.contains("llama"), "{e}");
     }
 
     #[test]
     fn missing_field_is_named() {
-        let e = cfg(r#"{"model_type":"llama","vocab_size":128}"#)
-            .unwrap_err()
-            .to_string();
+        let e = cfg(r#"{"model_type":"llama","vocab_size":128}"#).unwrap_err().to_string();
         assert!(e.contains("hidden_size"), "{e}");
     }
 
@@ -591,17 +476,8 @@ mod tests {
             "num_key_value_heads":2,"head_dim":32,"linear_key_head_dim":16,"linear_value_head_dim":16,
             "linear_num_key_heads":2,"linear_num_value_heads":4,"tie_word_embeddings":true}}"#)
         .unwrap();
-        assert!(
-            !c.tie_word_embeddings,
-            "the top-level value wins for VLM configs"
-        );
-        let full: Vec<usize> = c
-            .layer_types
-            .iter()
-            .enumerate()
-            .filter(|(_, t)| **t == LayerType::FullAttention)
-            .map(|(i, _)| i)
-            .collect();
+        assert!(!c.tie_word_embeddings, "the top-level value wins for VLM configs");
+        let full: Vec<usize> = c.layer_types.iter().enumerate().filter(|(_, t)| **t == LayerType::FullAttention).map(|(i, _)| i).collect();
         assert_eq!(full, vec![3, 7]);
         assert_eq!(c.rope.partial_rotary_factor, 0.25);
     }

@@ -106,8 +106,7 @@ fn tojson(value: Value, kwargs: Kwargs) -> std::result::Result<Value, minijinja:
     let _: Option<bool> = kwargs.get("ensure_ascii")?;
     let _: Option<bool> = kwargs.get("sort_keys")?;
     kwargs.assert_all_used()?;
-    let json: Json = serde_json::to_value(&value)
-        .map_err(|e| minijinja::Error::new(ErrorKind::InvalidOperation, e.to_string()))?;
+    let json: Json = serde_json::to_value(&value).map_err(|e| minijinja::Error::new(ErrorKind::InvalidOperation, e.to_string()))?;
     Ok(Value::from_safe_string(python_json(&json, indent)))
 }
 
@@ -118,26 +117,11 @@ fn raise_exception(msg: String) -> std::result::Result<Value, minijinja::Error> 
 fn strftime_now(fmt: String) -> String {
     // Templates use it for "today's date" in system prompts. A fixed clock keeps renders
     // reproducible; we render the current UTC date with the few directives templates use.
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
+    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
     let days = (secs / 86_400) as i64;
     let (y, m, d) = civil_from_days(days);
-    const MONTHS: [&str; 12] = [
-        "January",
-        "February",
-        "March",
-        "April",
-        "May",
-        "June",
-        "July",
-        "August",
-        "September",
-        "October",
-        "November",
-        "December",
-    ];
+    const MONTHS: [&str; 12] =
+        ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October", "November", "December"];
     fmt.replace("%Y", &format!("{y:04}"))
         .replace("%m", &format!("{m:02}"))
         .replace("%d", &format!("{d:02}"))
@@ -169,24 +153,15 @@ impl ChatTemplate {
         env.add_function("raise_exception", raise_exception);
         env.add_function("strftime_now", strftime_now);
         env.add_template_owned("chat", source_text)
-            .map_err(|e| Error::Template {
-                path: source.to_path_buf(),
-                message: format!("{e:#}"),
-            })?;
-        Ok(ChatTemplate {
-            env,
-            source: source.to_path_buf(),
-        })
+            .map_err(|e| Error::Template { path: source.to_path_buf(), message: format!("{e:#}") })?;
+        Ok(ChatTemplate { env, source: source.to_path_buf() })
     }
 
     /// Renders `messages` (OpenAI form: `[{"role": ..., "content": ...}, ...]`).
     pub fn render(&self, messages: &Json, opts: &RenderOptions) -> Result<String> {
         let mut ctx = serde_json::Map::new();
         ctx.insert("messages".into(), messages.clone());
-        ctx.insert(
-            "add_generation_prompt".into(),
-            Json::Bool(opts.add_generation_prompt),
-        );
+        ctx.insert("add_generation_prompt".into(), Json::Bool(opts.add_generation_prompt));
         for (k, v) in &opts.special_tokens {
             ctx.insert(k.clone(), Json::String(v.clone()));
         }
@@ -196,15 +171,9 @@ impl ChatTemplate {
         for (k, v) in &opts.extra {
             ctx.insert(k.clone(), v.clone());
         }
-        let tmpl = self.env.get_template("chat").map_err(|e| Error::Template {
-            path: self.source.clone(),
-            message: e.to_string(),
-        })?;
+        let tmpl = self.env.get_template("chat").map_err(|e| Error::Template { path: self.source.clone(), message: e.to_string() })?;
         tmpl.render(Value::from_serialize(&Json::Object(ctx)))
-            .map_err(|e| Error::Template {
-                path: self.source.clone(),
-                message: format!("{e:#}"),
-            })
+            .map_err(|e| Error::Template { path: self.source.clone(), message: format!("{e:#}") })
     }
 }
 
@@ -224,29 +193,17 @@ mod tests {
     #[test]
     fn renders_with_trim_blocks_and_raise() {
         let t = ChatTemplate::new(
-            "{% for m in messages %}\n{{ m['role'] }}: {{ m['content'].strip() }}\n{% endfor %}{% if add_generation_prompt %}A:{% endif %}".into(),
+            "{% for m in messages %}\n{{ m['role'] }}: {{ m['content'].strip() }}\n{% endfor %}{% if add_generation_prompt %}A:{% endif %}"
+                .into(),
             Path::new("inline"),
         )
         .unwrap();
         let s = t
-            .render(
-                &json!([{"role": "user", "content": " hi "}]),
-                &RenderOptions {
-                    add_generation_prompt: true,
-                    ..Default::default()
-                },
-            )
+            .render(&json!([{"role": "user", "content": " hi "}]), &RenderOptions { add_generation_prompt: true, ..Default::default() })
             .unwrap();
         assert_eq!(s, "user: hi\nA:");
-        let t = ChatTemplate::new(
-            "{{ raise_exception('bad role') }}".into(),
-            Path::new("inline"),
-        )
-        .unwrap();
-        let e = t
-            .render(&json!([]), &RenderOptions::default())
-            .unwrap_err()
-            .to_string();
+        let t = ChatTemplate::new("{{ raise_exception('bad role') }}".into(), Path::new("inline")).unwrap();
+        let e = t.render(&json!([]), &RenderOptions::default()).unwrap_err().to_string();
         assert!(e.contains("bad role"), "{e}");
     }
 }

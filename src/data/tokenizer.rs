@@ -34,16 +34,9 @@ impl Tokenizer {
     /// Loads `dir/tokenizer.json`, `dir/tokenizer_config.json` and the chat template.
     pub fn from_dir(dir: &Path) -> Result<Self> {
         let path = dir.join("tokenizer.json");
-        let inner = tokenizers::Tokenizer::from_file(&path).map_err(|e| Error::Tokenizer {
-            path: path.clone(),
-            message: e.to_string(),
-        })?;
+        let inner = tokenizers::Tokenizer::from_file(&path).map_err(|e| Error::Tokenizer { path: path.clone(), message: e.to_string() })?;
         let cfg_path = dir.join("tokenizer_config.json");
-        let cfg: Json = if cfg_path.is_file() {
-            read_json(&cfg_path)?
-        } else {
-            Json::Null
-        };
+        let cfg: Json = if cfg_path.is_file() { read_json(&cfg_path)? } else { Json::Null };
         let mut special_tokens = Vec::new();
         for key in ["bos_token", "eos_token", "pad_token", "unk_token"] {
             if let Some(s) = token_string(cfg.get(key)) {
@@ -54,21 +47,10 @@ impl Tokenizer {
         let template = match cfg.get("chat_template") {
             Some(Json::String(s)) => Some(ChatTemplate::new(s.clone(), &cfg_path)?),
             Some(Json::Array(list)) => {
-                let default = list
-                    .iter()
-                    .find(|t| t.get("name").and_then(Json::as_str) == Some("default"));
-                match default
-                    .and_then(|t| t.get("template"))
-                    .and_then(Json::as_str)
-                {
+                let default = list.iter().find(|t| t.get("name").and_then(Json::as_str) == Some("default"));
+                match default.and_then(|t| t.get("template")).and_then(Json::as_str) {
                     Some(s) => Some(ChatTemplate::new(s.to_string(), &cfg_path)?),
-                    None => {
-                        return Err(Error::config(
-                            &cfg_path,
-                            "chat_template",
-                            "is a list without a `default` entry",
-                        ))
-                    }
+                    None => return Err(Error::config(&cfg_path, "chat_template", "is a list without a `default` entry")),
                 }
             }
             _ => {
@@ -80,13 +62,7 @@ impl Tokenizer {
                 }
             }
         };
-        Ok(Tokenizer {
-            inner,
-            path,
-            template,
-            special_tokens,
-            eos_token,
-        })
+        Ok(Tokenizer { inner, path, template, special_tokens, eos_token })
     }
 
     /// Token ids of `text`; `add_special_tokens` applies the tokenizer's post-processor (BOS ...).
@@ -94,22 +70,14 @@ impl Tokenizer {
         let enc = self
             .inner
             .encode(text, add_special_tokens)
-            .map_err(|e| Error::Tokenizer {
-                path: self.path.clone(),
-                message: e.to_string(),
-            })?;
+            .map_err(|e| Error::Tokenizer { path: self.path.clone(), message: e.to_string() })?;
         Ok(enc.get_ids().iter().map(|&i| i as i64).collect())
     }
 
     /// Text of `ids`.
     pub fn decode(&self, ids: &[i64], skip_special_tokens: bool) -> Result<String> {
         let ids: Vec<u32> = ids.iter().map(|&i| i as u32).collect();
-        self.inner
-            .decode(&ids, skip_special_tokens)
-            .map_err(|e| Error::Tokenizer {
-                path: self.path.clone(),
-                message: e.to_string(),
-            })
+        self.inner.decode(&ids, skip_special_tokens).map_err(|e| Error::Tokenizer { path: self.path.clone(), message: e.to_string() })
     }
 
     /// The id of a token string (special tokens included).
@@ -131,26 +99,12 @@ impl Tokenizer {
     ///
     /// # Errors
     /// [`Error::Template`] when the model has no template or rendering fails.
-    pub fn apply_chat_template(
-        &self,
-        messages: &Json,
-        add_generation_prompt: bool,
-    ) -> Result<String> {
-        self.apply_chat_template_with(
-            messages,
-            RenderOptions {
-                add_generation_prompt,
-                ..Default::default()
-            },
-        )
+    pub fn apply_chat_template(&self, messages: &Json, add_generation_prompt: bool) -> Result<String> {
+        self.apply_chat_template_with(messages, RenderOptions { add_generation_prompt, ..Default::default() })
     }
 
     /// Renders with full control over the template variables; special tokens are filled in.
-    pub fn apply_chat_template_with(
-        &self,
-        messages: &Json,
-        mut opts: RenderOptions,
-    ) -> Result<String> {
+    pub fn apply_chat_template_with(&self, messages: &Json, mut opts: RenderOptions) -> Result<String> {
         let t = self.template.as_ref().ok_or_else(|| Error::Template {
             path: self.path.with_file_name("tokenizer_config.json"),
             message: "no chat template (neither tokenizer_config.json `chat_template` nor chat_template.jinja)".into(),

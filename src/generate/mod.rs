@@ -25,12 +25,7 @@ pub struct GenerateOptions {
 
 impl Default for GenerateOptions {
     fn default() -> Self {
-        GenerateOptions {
-            max_new_tokens: 128,
-            stop_ids: Vec::new(),
-            temperature: 0.0,
-            top_p: 1.0,
-        }
+        GenerateOptions { max_new_tokens: 128, stop_ids: Vec::new(), temperature: 0.0, top_p: 1.0 }
     }
 }
 
@@ -58,12 +53,7 @@ fn choose(logits: &Tensor, opts: &GenerateOptions) -> Tensor {
 ///
 /// # Errors
 /// [`Error::Input`] for an empty prompt; model errors as they come.
-pub fn generate(
-    model: &dyn TargetModel,
-    prompts: &[Vec<i64>],
-    opts: &GenerateOptions,
-    device: Device,
-) -> Result<Vec<Vec<i64>>> {
+pub fn generate(model: &dyn TargetModel, prompts: &[Vec<i64>], opts: &GenerateOptions, device: Device) -> Result<Vec<Vec<i64>>> {
     if prompts.is_empty() {
         return Ok(Vec::new());
     }
@@ -72,11 +62,7 @@ pub fn generate(
     }
     let b = prompts.len() as i64;
     let t0 = prompts.iter().map(Vec::len).max().unwrap_or(0) as i64;
-    let pad = model
-        .config()
-        .pad_token_id
-        .unwrap_or(0)
-        .clamp(0, model.config().vocab_size - 1);
+    let pad = model.config().pad_token_id.unwrap_or(0).clamp(0, model.config().vocab_size - 1);
     let mut ids = vec![pad; (b * t0) as usize];
     let mut mask = vec![0i64; (b * t0) as usize];
     for (r, p) in prompts.iter().enumerate() {
@@ -109,24 +95,13 @@ pub fn generate(
             let next = choose(&logits, opts).masked_fill(&done, pad); // [B]
             out.push(next.shallow_clone());
             if !opts.stop_ids.is_empty() {
-                done = done.logical_or(
-                    &next
-                        .unsqueeze(1)
-                        .eq_tensor(&stop.unsqueeze(0))
-                        .any_dim(1, false),
-                );
+                done = done.logical_or(&next.unsqueeze(1).eq_tensor(&stop.unsqueeze(0)).any_dim(1, false));
             }
             if bool::try_from(done.all()).unwrap_or(false) {
                 break;
             }
             positions = positions.select(1, positions.size()[1] - 1).unsqueeze(1) + 1;
-            attention_mask = Tensor::cat(
-                &[
-                    &attention_mask,
-                    &Tensor::ones([b, 1], (Kind::Int64, device)),
-                ],
-                1,
-            );
+            attention_mask = Tensor::cat(&[&attention_mask, &Tensor::ones([b, 1], (Kind::Int64, device))], 1);
             next_input = next.unsqueeze(1);
         }
         Ok(())
@@ -138,10 +113,7 @@ pub fn generate(
     let mut result = Vec::with_capacity(prompts.len());
     for r in 0..b {
         let row: Vec<i64> = Vec::try_from(all.get(r)).map_err(Error::Torch)?;
-        let end = row
-            .iter()
-            .position(|t| opts.stop_ids.contains(t))
-            .map_or(row.len(), |i| i + 1);
+        let end = row.iter().position(|t| opts.stop_ids.contains(t)).map_or(row.len(), |i| i + 1);
         result.push(row[..end].to_vec());
     }
     Ok(result)

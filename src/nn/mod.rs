@@ -57,31 +57,19 @@ impl Rotary {
     /// Builds the inverse frequencies exactly as transformers does (fp32 arithmetic).
     pub fn new(cfg: &RopeConfig, head_dim: i64, device: tch::Device) -> Self {
         let rot_dim = ((head_dim as f64) * cfg.partial_rotary_factor) as i64;
-        let exps = Tensor::arange_start_step(0, rot_dim, 2, (Kind::Int64, device))
-            .to_kind(Kind::Float)
-            / (rot_dim as f64);
+        let exps = Tensor::arange_start_step(0, rot_dim, 2, (Kind::Int64, device)).to_kind(Kind::Float) / (rot_dim as f64);
         let mut inv_freq = Tensor::pow_scalar(cfg.theta, &exps).reciprocal();
         match cfg.scaling {
             RopeScaling::Default => {}
             RopeScaling::Linear { factor } => inv_freq = inv_freq / factor,
-            RopeScaling::Llama3 {
-                factor,
-                low_freq_factor,
-                high_freq_factor,
-                original_max_position_embeddings: old,
-            } => {
+            RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings: old } => {
                 let low_wavelen = old / low_freq_factor;
                 let high_wavelen = old / high_freq_factor;
                 let wavelen = (&inv_freq).reciprocal() * (2.0 * std::f64::consts::PI);
                 let scaled = (&inv_freq / factor).where_self(&wavelen.gt(low_wavelen), &inv_freq);
-                let smooth = ((wavelen.reciprocal() * old) - low_freq_factor)
-                    / (high_freq_factor - low_freq_factor);
-                let smoothed =
-                    (smooth.ones_like() - &smooth) * &scaled / factor + &smooth * &scaled;
-                let medium = wavelen
-                    .lt(high_wavelen)
-                    .logical_not()
-                    .logical_and(&wavelen.gt(low_wavelen).logical_not());
+                let smooth = ((wavelen.reciprocal() * old) - low_freq_factor) / (high_freq_factor - low_freq_factor);
+                let smoothed = (smooth.ones_like() - &smooth) * &scaled / factor + &smooth * &scaled;
+                let medium = wavelen.lt(high_wavelen).logical_not().logical_and(&wavelen.gt(low_wavelen).logical_not());
                 inv_freq = smoothed.where_self(&medium, &scaled);
             }
         }
@@ -132,9 +120,7 @@ pub fn repeat_kv(x: &Tensor, n_rep: i64) -> Tensor {
         return x.shallow_clone();
     }
     let s = x.size();
-    x.unsqueeze(2)
-        .expand([s[0], s[1], n_rep, s[2], s[3]], false)
-        .reshape([s[0], s[1] * n_rep, s[2], s[3]])
+    x.unsqueeze(2).expand([s[0], s[1], n_rep, s[2], s[3]], false).reshape([s[0], s[1] * n_rep, s[2], s[3]])
 }
 
 /// The most negative finite value of a float kind (what transformers fills masked scores with).
@@ -158,10 +144,7 @@ pub fn causal_padding_mask(attention_mask: &Tensor, t: i64, past: i64, kind: Kin
     let q_pos = Tensor::arange_start(past, s, (Kind::Int64, device)).view([t, 1]);
     let k_pos = Tensor::arange(s, (Kind::Int64, device)).view([1, s]);
     let causal = k_pos.le_tensor(&q_pos).view([1, 1, t, s]);
-    let keep = attention_mask
-        .to_kind(Kind::Bool)
-        .view([-1, 1, 1, s])
-        .logical_and(&causal);
+    let keep = attention_mask.to_kind(Kind::Bool).view([-1, 1, 1, s]).logical_and(&causal);
     Tensor::zeros(keep.size(), (kind, device)).masked_fill(&keep.logical_not(), min_value(kind))
 }
 
@@ -197,10 +180,7 @@ mod tests {
         let inv: Vec<f32> = Vec::try_from(&r.inv_freq).unwrap();
         for (i, f) in inv.iter().enumerate() {
             let want = 1.0 / 10000f64.powf(2.0 * i as f64 / 8.0);
-            assert!(
-                (*f as f64 - want).abs() < 1e-7 * want.max(1.0),
-                "{i}: {f} vs {want}"
-            );
+            assert!((*f as f64 - want).abs() < 1e-7 * want.max(1.0), "{i}: {f} vs {want}");
         }
     }
 
@@ -210,9 +190,6 @@ mod tests {
         let m = causal_padding_mask(&am, 3, 0, Kind::Float);
         let keep: Vec<bool> = Vec::try_from(m.eq(0.0).flatten(0, -1)).unwrap();
         // rows: query 0..3, cols: keys 0..3
-        assert_eq!(
-            keep,
-            vec![false, false, false, false, true, false, false, true, true]
-        );
+        assert_eq!(keep, vec![false, false, false, false, true, false, false, true, true]);
     }
 }

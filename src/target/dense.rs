@@ -11,9 +11,7 @@
 
 use tch::{Device, Kind, Tensor};
 
-use super::{
-    check_capture, default_positions, Cache, ForwardInput, LayerCache, TargetModel, TargetOutput,
-};
+use super::{check_capture, default_positions, Cache, ForwardInput, LayerCache, TargetModel, TargetOutput};
 use crate::config::TargetConfig;
 use crate::error::{Error, Result};
 use crate::nn::{apply_rotary, attention, causal_padding_mask, rms_norm, Rotary};
@@ -72,8 +70,7 @@ pub struct Mlp {
 impl Mlp {
     /// `[..., H] -> [..., H]`.
     pub fn forward(&self, x: &Tensor) -> Tensor {
-        self.down_proj
-            .forward(&(self.gate_proj.forward(x).silu() * self.up_proj.forward(x)))
+        self.down_proj.forward(&(self.gate_proj.forward(x).silu() * self.up_proj.forward(x)))
     }
 
     pub(crate) fn load(l: &mut Loader<'_>, prefix: &str, h: i64, i: i64, bias: bool) -> Self {
@@ -117,63 +114,23 @@ impl DenseModel {
     /// Loads every tensor, reporting all missing, misshapen and unexpected ones at once.
     pub fn load(cfg: TargetConfig, src: &WeightSource, kind: Kind, device: Device) -> Result<Self> {
         let mut l = Loader::new(src, kind, device);
-        let (h, d, nh, nkv) = (
-            cfg.hidden_size,
-            cfg.head_dim,
-            cfg.num_attention_heads,
-            cfg.num_key_value_heads,
-        );
+        let (h, d, nh, nkv) = (cfg.hidden_size, cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads);
         let embed_tokens = l.backbone("embed_tokens.weight", &[cfg.vocab_size, h]);
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| {
                 let p = format!("layers.{i}");
                 DenseLayer {
                     self_attn: SelfAttn {
-                        q_proj: Linear::load(
-                            &mut l,
-                            &format!("{p}.self_attn.q_proj"),
-                            nh * d,
-                            h,
-                            cfg.qkv_bias,
-                        ),
-                        k_proj: Linear::load(
-                            &mut l,
-                            &format!("{p}.self_attn.k_proj"),
-                            nkv * d,
-                            h,
-                            cfg.qkv_bias,
-                        ),
-                        v_proj: Linear::load(
-                            &mut l,
-                            &format!("{p}.self_attn.v_proj"),
-                            nkv * d,
-                            h,
-                            cfg.qkv_bias,
-                        ),
-                        o_proj: Linear::load(
-                            &mut l,
-                            &format!("{p}.self_attn.o_proj"),
-                            h,
-                            nh * d,
-                            cfg.o_bias,
-                        ),
-                        q_norm: cfg
-                            .qk_norm
-                            .then(|| l.backbone(&format!("{p}.self_attn.q_norm.weight"), &[d])),
-                        k_norm: cfg
-                            .qk_norm
-                            .then(|| l.backbone(&format!("{p}.self_attn.k_norm.weight"), &[d])),
+                        q_proj: Linear::load(&mut l, &format!("{p}.self_attn.q_proj"), nh * d, h, cfg.qkv_bias),
+                        k_proj: Linear::load(&mut l, &format!("{p}.self_attn.k_proj"), nkv * d, h, cfg.qkv_bias),
+                        v_proj: Linear::load(&mut l, &format!("{p}.self_attn.v_proj"), nkv * d, h, cfg.qkv_bias),
+                        o_proj: Linear::load(&mut l, &format!("{p}.self_attn.o_proj"), h, nh * d, cfg.o_bias),
+                        q_norm: cfg.qk_norm.then(|| l.backbone(&format!("{p}.self_attn.q_norm.weight"), &[d])),
+                        k_norm: cfg.qk_norm.then(|| l.backbone(&format!("{p}.self_attn.k_norm.weight"), &[d])),
                     },
-                    mlp: Mlp::load(
-                        &mut l,
-                        &format!("{p}.mlp"),
-                        h,
-                        cfg.intermediate_size,
-                        cfg.mlp_bias,
-                    ),
+                    mlp: Mlp::load(&mut l, &format!("{p}.mlp"), h, cfg.intermediate_size, cfg.mlp_bias),
                     input_layernorm: l.backbone(&format!("{p}.input_layernorm.weight"), &[h]),
-                    post_attention_layernorm: l
-                        .backbone(&format!("{p}.post_attention_layernorm.weight"), &[h]),
+                    post_attention_layernorm: l.backbone(&format!("{p}.post_attention_layernorm.weight"), &[h]),
                 }
             })
             .collect();
@@ -185,14 +142,7 @@ impl DenseModel {
         };
         l.finish(&[])?;
         let rotary = Rotary::new(&cfg.rope, d, device);
-        Ok(DenseModel {
-            cfg,
-            embed_tokens,
-            layers,
-            norm,
-            lm_head,
-            rotary,
-        })
+        Ok(DenseModel { cfg, embed_tokens, layers, norm, lm_head, rotary })
     }
 
     fn attn(
@@ -222,27 +172,17 @@ impl DenseModel {
             Some(slot) => {
                 let (k, v) = match slot.take() {
                     None => (k, v),
-                    Some(LayerCache::Kv { k: pk, v: pv }) => {
-                        (Tensor::cat(&[pk, k], 2), Tensor::cat(&[pv, v], 2))
-                    }
+                    Some(LayerCache::Kv { k: pk, v: pv }) => (Tensor::cat(&[pk, k], 2), Tensor::cat(&[pv, v], 2)),
                     Some(LayerCache::Linear { .. }) => {
-                        return Err(Error::Input(
-                            "a linear-attention cache was passed to an attention layer".into(),
-                        ))
+                        return Err(Error::Input("a linear-attention cache was passed to an attention layer".into()))
                     }
                 };
-                *slot = Some(LayerCache::Kv {
-                    k: k.shallow_clone(),
-                    v: v.shallow_clone(),
-                });
+                *slot = Some(LayerCache::Kv { k: k.shallow_clone(), v: v.shallow_clone() });
                 (k, v)
             }
         };
         let o = attention(&q, &k, &v, mask, 1.0 / (c.head_dim as f64).sqrt()); // [B, nh, T, d]
-        Ok(a.o_proj.forward(
-            &o.transpose(1, 2)
-                .reshape([b, t, c.num_attention_heads * c.head_dim]),
-        ))
+        Ok(a.o_proj.forward(&o.transpose(1, 2).reshape([b, t, c.num_attention_heads * c.head_dim])))
     }
 }
 
@@ -256,38 +196,22 @@ pub(crate) struct Prepared {
     pub mask: Option<Tensor>,
 }
 
-pub(crate) fn prepare(
-    cfg: &TargetConfig,
-    input: &ForwardInput<'_>,
-    past: i64,
-    kind: Kind,
-) -> Result<Prepared> {
+pub(crate) fn prepare(cfg: &TargetConfig, input: &ForwardInput<'_>, past: i64, kind: Kind) -> Result<Prepared> {
     check_capture(input.capture, cfg.num_hidden_layers)?;
     let size = input.input_ids.size();
     if size.len() != 2 {
-        return Err(Error::Input(format!(
-            "input_ids must be [B, T], got {size:?}"
-        )));
+        return Err(Error::Input(format!("input_ids must be [B, T], got {size:?}")));
     }
     let (b, t) = (size[0], size[1]);
     let device = input.input_ids.device();
     if let Some(m) = input.attention_mask {
         if m.size() != [b, past + t] {
-            return Err(Error::Input(format!(
-                "attention_mask must be [{b}, {}] (past + new), got {:?}",
-                past + t,
-                m.size()
-            )));
+            return Err(Error::Input(format!("attention_mask must be [{b}, {}] (past + new), got {:?}", past + t, m.size())));
         }
     }
     let position_ids = match input.position_ids {
         Some(p) if p.size() == [b, t] => p.shallow_clone(),
-        Some(p) => {
-            return Err(Error::Input(format!(
-                "position_ids must be [{b}, {t}], got {:?}",
-                p.size()
-            )))
-        }
+        Some(p) => return Err(Error::Input(format!("position_ids must be [{b}, {t}], got {:?}", p.size()))),
         None => default_positions(b, t, past, device),
     };
     // Padding needs an explicit mask; so does a multi-token step on top of a cache.
@@ -308,13 +232,7 @@ pub(crate) fn prepare(
     } else {
         None
     };
-    Ok(Prepared {
-        b,
-        t,
-        past,
-        position_ids,
-        mask,
-    })
+    Ok(Prepared { b, t, past, position_ids, mask })
 }
 
 impl TargetModel for DenseModel {
@@ -322,11 +240,7 @@ impl TargetModel for DenseModel {
         &self.cfg
     }
 
-    fn forward(
-        &self,
-        input: &ForwardInput<'_>,
-        mut cache: Option<&mut Cache>,
-    ) -> Result<TargetOutput> {
+    fn forward(&self, input: &ForwardInput<'_>, mut cache: Option<&mut Cache>) -> Result<TargetOutput> {
         let past = cache.as_ref().map_or(0, |c| c.seq_len);
         let kind = self.embed_tokens.kind();
         let p = prepare(&self.cfg, input, past, kind)?;
@@ -335,16 +249,11 @@ impl TargetModel for DenseModel {
         if ids.numel() > 0 {
             let (lo, hi) = (ids.min().int64_value(&[]), ids.max().int64_value(&[]));
             if lo < 0 || hi >= vocab {
-                return Err(Error::Input(format!(
-                    "token id out of range 0..{vocab}: saw {lo}..={hi}"
-                )));
+                return Err(Error::Input(format!("token id out of range 0..{vocab}: saw {lo}..={hi}")));
             }
         }
         let (cos, sin) = self.rotary.cos_sin(&p.position_ids, kind);
-        let mut h = self
-            .embed_tokens
-            .index_select(0, &ids.flatten(0, -1))
-            .view([p.b, p.t, -1]);
+        let mut h = self.embed_tokens.index_select(0, &ids.flatten(0, -1)).view([p.b, p.t, -1]);
         let mut aux: Vec<Option<Tensor>> = input.capture.iter().map(|_| None).collect();
         let mut grab = |k: i64, h: &Tensor| {
             for (slot, &want) in aux.iter_mut().zip(input.capture) {
@@ -366,13 +275,7 @@ impl TargetModel for DenseModel {
             c.seq_len += p.t;
         }
         let last_hidden = rms_norm(&h, &self.norm, self.cfg.rms_norm_eps);
-        Ok(TargetOutput {
-            aux: aux
-                .into_iter()
-                .map(|a| a.unwrap_or_else(|| h.shallow_clone()))
-                .collect(),
-            last_hidden,
-        })
+        Ok(TargetOutput { aux: aux.into_iter().map(|a| a.unwrap_or_else(|| h.shallow_clone())).collect(), last_hidden })
     }
 
     fn embed_tokens(&self) -> &Tensor {

@@ -7,6 +7,7 @@
 //! (which transformers' `hidden_states` does not expose: its last element is post-norm).
 
 pub mod dense;
+pub mod head;
 pub mod qwen3_5;
 pub mod registry;
 
@@ -48,10 +49,7 @@ pub struct Cache {
 impl Cache {
     /// An empty cache for a model of `num_layers` layers.
     pub fn new(num_layers: i64) -> Self {
-        Cache {
-            layers: (0..num_layers).map(|_| None).collect(),
-            seq_len: 0,
-        }
+        Cache { layers: (0..num_layers).map(|_| None).collect(), seq_len: 0 }
     }
 }
 
@@ -109,9 +107,7 @@ pub fn check_capture(capture: &[i64], num_layers: i64) -> Result<()> {
 
 /// Default positions `past..past+T` broadcast over the batch, `[B, T]`.
 pub fn default_positions(b: i64, t: i64, past: i64, device: Device) -> Tensor {
-    Tensor::arange_start(past, past + t, (Kind::Int64, device))
-        .unsqueeze(0)
-        .expand([b, t], false)
+    Tensor::arange_start(past, past + t, (Kind::Int64, device)).unsqueeze(0).expand([b, t], false)
 }
 
 /// Loads the target in `dir` (config.json + safetensors) in `kind` on `device`.
@@ -119,9 +115,7 @@ pub fn load(dir: &Path, kind: Kind, device: Device) -> Result<Box<dyn TargetMode
     let cfg = TargetConfig::from_path(dir)?;
     let src = crate::weights::WeightSource::open(dir)?;
     Ok(match cfg.arch {
-        Arch::Llama | Arch::Qwen2 | Arch::Qwen3 => {
-            Box::new(dense::DenseModel::load(cfg, &src, kind, device)?)
-        }
+        Arch::Llama | Arch::Qwen2 | Arch::Qwen3 => Box::new(dense::DenseModel::load(cfg, &src, kind, device)?),
         Arch::Qwen3_5 => Box::new(qwen3_5::Qwen35Model::load(cfg, &src, kind, device)?),
     })
 }

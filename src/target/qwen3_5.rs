@@ -15,12 +15,7 @@ pub struct Qwen35Model {
 
 impl Qwen35Model {
     /// Loads the model.
-    pub fn load(
-        cfg: TargetConfig,
-        _src: &WeightSource,
-        _kind: Kind,
-        _device: Device,
-    ) -> Result<Self> {
+    pub fn load(cfg: TargetConfig, _src: &WeightSource, _kind: Kind, _device: Device) -> Result<Self> {
         Err(Error::UnsupportedModel {
             path: cfg.source.clone(),
             model_type: cfg.model_type.clone(),
@@ -33,11 +28,7 @@ impl TargetModel for Qwen35Model {
     fn config(&self) -> &TargetConfig {
         &self.cfg
     }
-    fn forward(
-        &self,
-        _input: &ForwardInput<'_>,
-        _cache: Option<&mut Cache>,
-    ) -> Result<TargetOutput> {
+    fn forward(&self, _input: &ForwardInput<'_>, _cache: Option<&mut Cache>) -> Result<TargetOutput> {
         unreachable!()
     }
     fn embed_tokens(&self) -> &Tensor {

@@ -17,22 +17,10 @@ pub struct KnownTarget {
 
 /// The targets recipes refer to by short name.
 pub const KNOWN_TARGETS: &[KnownTarget] = &[
-    KnownTarget {
-        name: "smollm2-135m",
-        repo: "HuggingFaceTB/SmolLM2-135M-Instruct",
-    },
-    KnownTarget {
-        name: "chandra-ocr-2",
-        repo: "datalab-to/chandra-ocr-2",
-    },
-    KnownTarget {
-        name: "qwen3-vl-2b",
-        repo: "Qwen/Qwen3-VL-2B-Instruct",
-    },
-    KnownTarget {
-        name: "qwen2.5-7b",
-        repo: "Qwen/Qwen2.5-7B-Instruct",
-    },
+    KnownTarget { name: "smollm2-135m", repo: "HuggingFaceTB/SmolLM2-135M-Instruct" },
+    KnownTarget { name: "chandra-ocr-2", repo: "datalab-to/chandra-ocr-2" },
+    KnownTarget { name: "qwen3-vl-2b", repo: "Qwen/Qwen3-VL-2B-Instruct" },
+    KnownTarget { name: "qwen2.5-7b", repo: "Qwen/Qwen2.5-7B-Instruct" },
 ];
 
 /// Where setup puts the embedded SmolLM2 target, relative to the project root.
@@ -40,9 +28,7 @@ pub const EMBEDDED_SMOLLM2: &str = ".cache/smollm2-135m-instruct";
 
 /// The project root: `SPECFORGE_HOME`, else the source tree this binary was built from.
 pub fn project_root() -> PathBuf {
-    std::env::var_os("SPECFORGE_HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
+    std::env::var_os("SPECFORGE_HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
 }
 
 fn hf_hub_cache() -> PathBuf {
@@ -52,9 +38,7 @@ fn hf_hub_cache() -> PathBuf {
     if let Some(p) = std::env::var_os("HF_HOME") {
         return PathBuf::from(p).join("hub");
     }
-    let home = std::env::var_os("HOME")
-        .map(PathBuf::from)
-        .unwrap_or_default();
+    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_default();
     home.join(".cache/huggingface/hub")
 }
 
@@ -68,15 +52,9 @@ fn hf_snapshot(repo: &str) -> Option<PathBuf> {
             return Some(p);
         }
     }
-    let mut snaps: Vec<PathBuf> = std::fs::read_dir(dir.join("snapshots"))
-        .ok()?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .collect();
+    let mut snaps: Vec<PathBuf> = std::fs::read_dir(dir.join("snapshots")).ok()?.filter_map(|e| e.ok().map(|e| e.path())).collect();
     snaps.sort_by_key(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok());
-    snaps
-        .into_iter()
-        .rev()
-        .find(|p| p.join("config.json").is_file())
+    snaps.into_iter().rev().find(|p| p.join("config.json").is_file())
 }
 
 /// Resolves `--target`: a directory, a known short name, or a repo id in the local HF cache.
@@ -85,9 +63,7 @@ pub fn resolve(target: &str) -> Result<PathBuf> {
     if as_path.join("config.json").is_file() {
         return Ok(as_path.to_path_buf());
     }
-    let known = KNOWN_TARGETS
-        .iter()
-        .find(|k| k.name == target || k.repo == target);
+    let known = KNOWN_TARGETS.iter().find(|k| k.name == target || k.repo == target);
     if let Some(k) = known {
         if k.name == "smollm2-135m" {
             let p = project_root().join(EMBEDDED_SMOLLM2);

@@ -54,23 +54,14 @@ const PICKLE_EXTENSIONS: &[&str] = &["bin", "pt", "pth", "ckpt", "pkl"];
 fn refuse_pickle(path: &Path, head: &[u8]) -> Result<()> {
     if let Some(ext) = path.extension().and_then(|e| e.to_str()) {
         if PICKLE_EXTENSIONS.contains(&ext) {
-            return Err(Error::PickleRefused {
-                path: path.to_path_buf(),
-                reason: format!("`.{ext}` file"),
-            });
+            return Err(Error::PickleRefused { path: path.to_path_buf(), reason: format!("`.{ext}` file") });
         }
     }
     if head.starts_with(b"PK\x03\x04") {
-        return Err(Error::PickleRefused {
-            path: path.to_path_buf(),
-            reason: "zip archive (torch.save format)".into(),
-        });
+        return Err(Error::PickleRefused { path: path.to_path_buf(), reason: "zip archive (torch.save format)".into() });
     }
     if head.len() >= 2 && head[0] == 0x80 && (2..=5).contains(&head[1]) {
-        return Err(Error::PickleRefused {
-            path: path.to_path_buf(),
-            reason: "pickle stream".into(),
-        });
+        return Err(Error::PickleRefused { path: path.to_path_buf(), reason: "pickle stream".into() });
     }
     Ok(())
 }
@@ -91,26 +82,16 @@ impl SafetensorsFile {
         // every mmap-based loader (safetensors, candle, transformers).
         let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
         refuse_pickle(path, &mmap[..mmap.len().min(8)])?;
-        let st = SafeTensors::deserialize(&mmap).map_err(|e| Error::Safetensors {
-            path: path.to_path_buf(),
-            reason: e.to_string(),
-        })?;
+        let st = SafeTensors::deserialize(&mmap).map_err(|e| Error::Safetensors { path: path.to_path_buf(), reason: e.to_string() })?;
         let base = mmap.as_ptr() as usize;
         let mut entries = BTreeMap::new();
         for (name, view) in st.tensors() {
             let start = view.data().as_ptr() as usize - base;
             let shape = view.shape().iter().map(|&d| d as i64).collect();
-            entries.insert(
-                name,
-                (view.dtype(), shape, start..start + view.data().len()),
-            );
+            entries.insert(name, (view.dtype(), shape, start..start + view.data().len()));
         }
         drop(st);
-        Ok(SafetensorsFile {
-            path: path.to_path_buf(),
-            mmap,
-            entries,
-        })
+        Ok(SafetensorsFile { path: path.to_path_buf(), mmap, entries })
     }
 
     /// The file's path.
@@ -135,31 +116,20 @@ impl SafetensorsFile {
 
     /// The raw little-endian bytes of `name`, borrowed from the map.
     pub fn bytes(&self, name: &str) -> Option<&[u8]> {
-        self.entries
-            .get(name)
-            .map(|(_, _, r)| &self.mmap[r.clone()])
+        self.entries.get(name).map(|(_, _, r)| &self.mmap[r.clone()])
     }
 
     /// Copies `name` into a tensor of its stored dtype on the CPU.
     pub fn tensor(&self, name: &str) -> Result<Tensor> {
         let (dtype, shape, range) =
-            self.entries
-                .get(name)
-                .ok_or_else(|| Error::MissingTensors {
-                    path: self.path.clone(),
-                    names: vec![name.to_string()],
-                })?;
+            self.entries.get(name).ok_or_else(|| Error::MissingTensors { path: self.path.clone(), names: vec![name.to_string()] })?;
         let kind = kind_of(*dtype).ok_or_else(|| Error::Dtype {
             name: name.to_string(),
             expected: "bool, int, f16, bf16, f32 or f64".into(),
             got: format!("{dtype:?}"),
             path: Some(self.path.clone()),
         })?;
-        Ok(Tensor::f_from_data_size(
-            &self.mmap[range.clone()],
-            shape,
-            kind,
-        )?)
+        Ok(Tensor::f_from_data_size(&self.mmap[range.clone()], shape, kind)?)
     }
 }
 
@@ -205,34 +175,21 @@ impl WeightSource {
                 found.sort();
                 if found.is_empty() {
                     if let Some(p) = pickles.first() {
-                        return Err(Error::PickleRefused {
-                            path: p.clone(),
-                            reason: "the directory has no safetensors file".into(),
-                        });
+                        return Err(Error::PickleRefused { path: p.clone(), reason: "the directory has no safetensors file".into() });
                     }
-                    return Err(Error::io(
-                        path.join("model.safetensors"),
-                        std::io::Error::from(std::io::ErrorKind::NotFound),
-                    ));
+                    return Err(Error::io(path.join("model.safetensors"), std::io::Error::from(std::io::ErrorKind::NotFound)));
                 }
                 found
             }
         };
-        let files = files
-            .iter()
-            .map(|f| SafetensorsFile::open(f))
-            .collect::<Result<Vec<_>>>()?;
+        let files = files.iter().map(|f| SafetensorsFile::open(f)).collect::<Result<Vec<_>>>()?;
         let mut index = HashMap::new();
         for (i, f) in files.iter().enumerate() {
             for name in f.names() {
                 index.insert(name.to_string(), i);
             }
         }
-        Ok(WeightSource {
-            root: path.to_path_buf(),
-            files,
-            index,
-        })
+        Ok(WeightSource { root: path.to_path_buf(), files, index })
     }
 
     /// The directory or file this was opened from.
@@ -254,9 +211,7 @@ impl WeightSource {
 
     /// The file holding `name` and its shape.
     pub fn shape(&self, name: &str) -> Option<&[i64]> {
-        self.index
-            .get(name)
-            .and_then(|&i| self.files[i].shape(name))
+        self.index.get(name).and_then(|&i| self.files[i].shape(name))
     }
 
     /// The file that holds `name`.
@@ -266,10 +221,7 @@ impl WeightSource {
 
     /// Loads `name` converted to `kind` on `device`.
     pub fn get(&self, name: &str, kind: Kind, device: Device) -> Result<Tensor> {
-        let file = self.file_of(name).ok_or_else(|| Error::MissingTensors {
-            path: self.root.clone(),
-            names: vec![name.to_string()],
-        })?;
+        let file = self.file_of(name).ok_or_else(|| Error::MissingTensors { path: self.root.clone(), names: vec![name.to_string()] })?;
         let t = file.tensor(name)?;
         Ok(t.f_to_device(device)?.f_to_kind(kind)?)
     }
@@ -292,26 +244,12 @@ impl<'a> Loader<'a> {
     /// A loader converting to `kind` on `device`. The backbone prefix is detected from where
     /// `embed_tokens.weight` lives.
     pub fn new(src: &'a WeightSource, kind: Kind, device: Device) -> Self {
-        let prefix = [
-            "model.",
-            "model.language_model.",
-            "language_model.model.",
-            "model.model.",
-            "",
-        ]
-        .into_iter()
-        .find(|p| src.contains(&format!("{p}embed_tokens.weight")))
-        .unwrap_or("model.")
-        .to_string();
-        Loader {
-            src,
-            prefix,
-            kind,
-            device,
-            used: BTreeSet::new(),
-            missing: Vec::new(),
-            shape_errors: Vec::new(),
-        }
+        let prefix = ["model.", "model.language_model.", "language_model.model.", "model.model.", ""]
+            .into_iter()
+            .find(|p| src.contains(&format!("{p}embed_tokens.weight")))
+            .unwrap_or("model.")
+            .to_string();
+        Loader { src, prefix, kind, device, used: BTreeSet::new(), missing: Vec::new(), shape_errors: Vec::new() }
     }
 
     /// The resolved name of a backbone tensor (`layers.0.mlp.up_proj.weight` -> `model.layers...`).
@@ -379,10 +317,7 @@ impl<'a> Loader<'a> {
             return Err(e);
         }
         if !self.missing.is_empty() {
-            return Err(Error::MissingTensors {
-                path: self.src.root().to_path_buf(),
-                names: self.missing,
-            });
+            return Err(Error::MissingTensors { path: self.src.root().to_path_buf(), names: self.missing });
         }
         let unexpected: Vec<String> = self
             .src
@@ -393,21 +328,14 @@ impl<'a> Loader<'a> {
             .map(str::to_string)
             .collect();
         if !unexpected.is_empty() {
-            return Err(Error::UnexpectedTensors {
-                path: self.src.root().to_path_buf(),
-                names: unexpected,
-            });
+            return Err(Error::UnexpectedTensors { path: self.src.root().to_path_buf(), names: unexpected });
         }
         Ok(())
     }
 }
 
 /// Writes named tensors to a safetensors file atomically (temp file + rename in the same directory).
-pub fn save_safetensors(
-    path: &Path,
-    tensors: &[(String, Tensor)],
-    metadata: Option<HashMap<String, String>>,
-) -> Result<()> {
+pub fn save_safetensors(path: &Path, tensors: &[(String, Tensor)], metadata: Option<HashMap<String, String>>) -> Result<()> {
     let mut bufs: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::with_capacity(tensors.len());
     for (name, t) in tensors {
         let t = t.f_contiguous()?.f_to_device(Device::Cpu)?;
@@ -422,9 +350,7 @@ pub fn save_safetensors(
         let mut data = vec![0u8; nbytes];
         if nbytes > 0 {
             // SAFETY: `t` is contiguous on the CPU and holds exactly `nbytes` bytes.
-            unsafe {
-                std::ptr::copy_nonoverlapping(t.data_ptr() as *const u8, data.as_mut_ptr(), nbytes)
-            };
+            unsafe { std::ptr::copy_nonoverlapping(t.data_ptr() as *const u8, data.as_mut_ptr(), nbytes) };
         }
         let shape = t.size().iter().map(|&d| d as usize).collect();
         bufs.push((name.clone(), dtype, shape, data));
@@ -434,26 +360,17 @@ pub fn save_safetensors(
         .map(|(n, d, s, b)| {
             safetensors::tensor::TensorView::new(*d, s.clone(), b)
                 .map(|v| (n.clone(), v))
-                .map_err(|e| Error::Safetensors {
-                    path: path.to_path_buf(),
-                    reason: e.to_string(),
-                })
+                .map_err(|e| Error::Safetensors { path: path.to_path_buf(), reason: e.to_string() })
         })
         .collect::<Result<Vec<_>>>()?;
     let tmp = tmp_path(path);
-    safetensors::serialize_to_file(views, metadata, &tmp).map_err(|e| Error::Safetensors {
-        path: tmp.clone(),
-        reason: e.to_string(),
-    })?;
+    safetensors::serialize_to_file(views, metadata, &tmp).map_err(|e| Error::Safetensors { path: tmp.clone(), reason: e.to_string() })?;
     std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
 }
 
 /// `dir/.name.tmp-<pid>` beside `path`, for atomic writes.
 pub fn tmp_path(path: &Path) -> PathBuf {
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     path.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
 }
 
@@ -465,19 +382,10 @@ mod tests {
     fn round_trip_and_dtype_conversion() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("model.safetensors");
-        let a = Tensor::arange(6, (Kind::Float, Device::Cpu))
-            .view([2, 3])
-            .to_kind(Kind::BFloat16);
-        save_safetensors(
-            &p,
-            &[("model.embed_tokens.weight".into(), a.shallow_clone())],
-            None,
-        )
-        .unwrap();
+        let a = Tensor::arange(6, (Kind::Float, Device::Cpu)).view([2, 3]).to_kind(Kind::BFloat16);
+        save_safetensors(&p, &[("model.embed_tokens.weight".into(), a.shallow_clone())], None).unwrap();
         let src = WeightSource::open(dir.path()).unwrap();
-        let b = src
-            .get("model.embed_tokens.weight", Kind::Float, Device::Cpu)
-            .unwrap();
+        let b = src.get("model.embed_tokens.weight", Kind::Float, Device::Cpu).unwrap();
         assert_eq!(b.kind(), Kind::Float);
         assert!(b.equal(&a.to_kind(Kind::Float)));
     }
@@ -486,22 +394,11 @@ mod tests {
     fn truncated_file_is_named() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("model.safetensors");
-        save_safetensors(
-            &p,
-            &[(
-                "w".into(),
-                Tensor::ones([64, 64], (Kind::Float, Device::Cpu)),
-            )],
-            None,
-        )
-        .unwrap();
+        save_safetensors(&p, &[("w".into(), Tensor::ones([64, 64], (Kind::Float, Device::Cpu)))], None).unwrap();
         let bytes = std::fs::read(&p).unwrap();
         std::fs::write(&p, &bytes[..bytes.len() - 100]).unwrap();
         let e = WeightSource::open(dir.path()).err().unwrap().to_string();
-        assert!(
-            e.contains("model.safetensors") && e.contains("invalid safetensors"),
-            "{e}"
-        );
+        assert!(e.contains("model.safetensors") && e.contains("invalid safetensors"), "{e}");
     }
 
     #[test]
@@ -514,10 +411,7 @@ mod tests {
         // A pickle hiding behind a .safetensors name is caught by its magic bytes.
         let p = dir.path().join("x.safetensors");
         std::fs::write(&p, b"\x80\x02}q\x00.").unwrap();
-        assert!(matches!(
-            WeightSource::open(&p),
-            Err(Error::PickleRefused { .. })
-        ));
+        assert!(matches!(WeightSource::open(&p), Err(Error::PickleRefused { .. })));
     }
 
     #[test]
@@ -541,28 +435,19 @@ mod tests {
         let _ = l.backbone("embed_tokens.weight", &[4, 2]);
         let _ = l.backbone("norm.weight", &[2]);
         let e = l.finish(&["mtp."]).unwrap_err().to_string();
-        assert!(
-            e.contains("model.norm.weight") && e.contains("[3]") && e.contains("[2]"),
-            "{e}"
-        );
+        assert!(e.contains("model.norm.weight") && e.contains("[3]") && e.contains("[2]"), "{e}");
 
         let mut l = Loader::new(&src, Kind::Float, Device::Cpu);
         let _ = l.backbone("embed_tokens.weight", &[4, 2]);
         let _ = l.backbone("norm.weight", &[3]);
         let _ = l.backbone("layers.0.x", &[3]);
         let e = l.finish(&["mtp."]).unwrap_err().to_string();
-        assert!(
-            e.contains("missing") && e.contains("model.layers.0.x"),
-            "{e}"
-        );
+        assert!(e.contains("missing") && e.contains("model.layers.0.x"), "{e}");
 
         let mut l = Loader::new(&src, Kind::Float, Device::Cpu);
         let _ = l.backbone("embed_tokens.weight", &[4, 2]);
         let _ = l.backbone("norm.weight", &[3]);
         let e = l.finish(&["mtp."]).unwrap_err().to_string();
-        assert!(
-            e.contains("unexpected") && e.contains("model.extra") && !e.contains("mtp"),
-            "{e}"
-        );
+        assert!(e.contains("unexpected") && e.contains("model.extra") && !e.contains("mtp"), "{e}");
     }
 }

@@ -16,40 +16,34 @@ pub fn root() -> PathBuf {
 /// test` creates it, and a parity test that silently skips would prove nothing.
 pub fn python() -> PathBuf {
     let p = root().join(".venv/bin/python");
-    assert!(
-        p.exists(),
-        "{} missing: run `make setup` (scripts/setup.sh) first",
-        p.display()
-    );
+    assert!(p.exists(), "{} missing: run `make setup` (scripts/setup.sh) first", p.display());
     p
 }
 
 static LOCK: Mutex<()> = Mutex::new(());
 
 /// Runs `tests/reference/<script> <out> <args...>` once per distinct (script, args) and returns
-/// the output directory, under target/reference-cache. Reruns when the script changes.
+/// the output directory, under target/reference-cache. Reruns when the script changes. An arg
+/// `{out}` is replaced by the directory instead (for scripts taking a subcommand first).
 pub fn reference(script: &str, args: &[&str]) -> PathBuf {
     let _guard = LOCK.lock().unwrap_or_else(|e| e.into_inner());
     let script_path = root().join("tests/reference").join(script);
     let text = std::fs::read(&script_path).expect("reference script exists");
     let key = xxhash_rust::xxh3::xxh3_64(&[text.as_slice(), args.join("\0").as_bytes()].concat());
-    let out = root()
-        .join("target/reference-cache")
-        .join(format!("{}-{key:016x}", script.trim_end_matches(".py")));
+    let out = root().join("target/reference-cache").join(format!("{}-{key:016x}", script.trim_end_matches(".py")));
     let done = out.join(".done");
     if !done.exists() {
         let _ = std::fs::remove_dir_all(&out);
         std::fs::create_dir_all(&out).unwrap();
-        let status = Command::new(python())
-            .arg(&script_path)
-            .arg(&out)
-            .args(args)
-            .status()
-            .expect("spawn python");
-        assert!(
-            status.success(),
-            "reference {script} {args:?} failed: {status}"
-        );
+        let mut cmd = Command::new(python());
+        cmd.arg(&script_path);
+        if args.contains(&"{out}") {
+            cmd.args(args.iter().map(|a| if *a == "{out}" { out.to_str().unwrap() } else { a }));
+        } else {
+            cmd.arg(&out).args(args);
+        }
+        let status = cmd.status().expect("spawn python");
+        assert!(status.success(), "reference {script} {args:?} failed: {status}");
         std::fs::write(&done, b"ok").unwrap();
     }
     out
@@ -57,10 +51,7 @@ pub fn reference(script: &str, args: &[&str]) -> PathBuf {
 
 /// Reads every tensor of a safetensors file.
 pub fn load_all(path: &Path) -> std::collections::HashMap<String, Tensor> {
-    Tensor::read_safetensors(path)
-        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-        .into_iter()
-        .collect()
+    Tensor::read_safetensors(path).unwrap_or_else(|e| panic!("{}: {e}", path.display())).into_iter().collect()
 }
 
 /// Tolerance policy, one per dtype: the error relative to the reference's largest magnitude,
@@ -88,9 +79,5 @@ pub fn rel_err(actual: &Tensor, expected: &Tensor) -> f64 {
 /// Asserts `actual` is within the dtype tolerance of `expected`, naming `what` on failure.
 pub fn assert_close(what: &str, actual: &Tensor, expected: &Tensor, kind: Kind) {
     let r = rel_err(actual, expected);
-    assert!(
-        r <= tol_for(kind),
-        "{what}: relative error {r:.3e} > {:.1e}",
-        tol_for(kind)
-    );
+    assert!(r <= tol_for(kind), "{what}: relative error {r:.3e} > {:.1e}", tol_for(kind));
 }

@@ -1,0 +1,6 @@
+//! Training (stages 5-6): the TTT objective, the optimizer, checkpoints and the loop.
+
+pub mod checkpoint;
+pub mod optim;
+pub mod trainer;
+pub mod ttt;
