@@ -12,6 +12,7 @@ pub mod config;
 pub mod data;
 pub mod draft;
 pub mod error;
+pub mod eval;
 pub mod export;
 pub mod generate;
 pub mod nn;

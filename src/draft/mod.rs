@@ -248,7 +248,7 @@ impl Eagle3Draft {
         self.rotary.cos_sin(position_ids, kind)
     }
 
-    /// One pass of the midlayer for one TTT step (or one decode step).
+    /// One pass of the midlayer for one TTT step.
     ///
     /// `kv` holds the keys/values of earlier steps; this step's are appended. At step 0 the
     /// attention is causal over the step's own keys; at step k it also sees the diagonal keys of
@@ -257,6 +257,41 @@ impl Eagle3Draft {
     /// # Shapes
     /// `emb`, `hidden`: `[B, T, H]`; `cos`/`sin`: `[B, T, d]`.
     pub fn step(&self, emb: &Tensor, hidden: &Tensor, cos: &Tensor, sin: &Tensor, kv: &mut TttKv) -> StepOutput {
+        let (q, k, v) = self.qkv(emb, hidden, cos, sin);
+        kv.push(k, v);
+        let o = kv.attend(&q, self.attn_scale());
+        self.finish(hidden, &o)
+    }
+
+    /// One pass of the midlayer at inference: the new positions attend to `past_k`/`past_v`
+    /// (`[B, nkv, S, d]`, everything before them) and causally among themselves. Returns the
+    /// output and this pass's keys and values (to append to a cache).
+    pub fn step_cached(
+        &self,
+        emb: &Tensor,
+        hidden: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        past: Option<(&Tensor, &Tensor)>,
+    ) -> (StepOutput, Tensor, Tensor) {
+        let (q, k, v) = self.qkv(emb, hidden, cos, sin);
+        let (keys, values, past_len) = match past {
+            Some((pk, pv)) => (Tensor::cat(&[pk, &k], 2), Tensor::cat(&[pv, &v], 2), pk.size()[2]),
+            None => (k.shallow_clone(), v.shallow_clone(), 0),
+        };
+        let (b, t) = (emb.size()[0], emb.size()[1]);
+        let mask = (past_len > 0 && t > 1)
+            .then(|| crate::nn::causal_padding_mask(&Tensor::ones([b, past_len + t], (Kind::Int64, emb.device())), t, past_len, q.kind()));
+        let o = crate::nn::attention(&q, &keys, &values, mask.as_ref(), self.attn_scale());
+        (self.finish(hidden, &o), k, v)
+    }
+
+    fn attn_scale(&self) -> f64 {
+        1.0 / (self.cfg.head_dim as f64).sqrt()
+    }
+
+    /// q (`[B, nh, T, d]`), k and v (`[B, nkv, T, d]`) from `cat(input_layernorm(emb), hidden_norm(hidden))`.
+    fn qkv(&self, emb: &Tensor, hidden: &Tensor, cos: &Tensor, sin: &Tensor) -> (Tensor, Tensor, Tensor) {
         let c = &self.cfg;
         let m = &self.midlayer;
         let (b, t) = (emb.size()[0], emb.size()[1]);
@@ -264,10 +299,15 @@ impl Eagle3Draft {
         let heads = |w: &Tensor, n: i64| x.linear::<Tensor>(w, None).view([b, t, n, c.head_dim]).transpose(1, 2);
         let q = apply_rotary(&heads(&m.self_attn.q_proj, c.num_attention_heads), cos, sin);
         let k = apply_rotary(&heads(&m.self_attn.k_proj, c.num_key_value_heads), cos, sin);
-        let v = heads(&m.self_attn.v_proj, c.num_key_value_heads);
-        kv.push(k, v);
-        let o = kv.attend(&q, 1.0 / (c.head_dim as f64).sqrt()); // [B, nh, T, d]
-        let o = o.transpose(1, 2).reshape([b, t, c.num_attention_heads * c.head_dim]);
+        (q, k, heads(&m.self_attn.v_proj, c.num_key_value_heads))
+    }
+
+    /// o_proj + residual (the raw incoming hidden), the MLP block and the final norm.
+    fn finish(&self, hidden: &Tensor, attn: &Tensor) -> StepOutput {
+        let c = &self.cfg;
+        let m = &self.midlayer;
+        let s = attn.size(); // [B, nh, T, d]
+        let o = attn.transpose(1, 2).reshape([s[0], s[2], c.num_attention_heads * c.head_dim]);
         let h = hidden + o.linear::<Tensor>(&m.self_attn.o_proj, None);
         let n = rms_norm(&h, &m.post_attention_layernorm, c.rms_norm_eps);
         let mlp = (n.linear::<Tensor>(&m.mlp.gate_proj, None).silu() * n.linear::<Tensor>(&m.mlp.up_proj, None))
