@@ -67,6 +67,10 @@ pub struct DraftSection {
     /// Start lm_head from the target's rows of the draft vocabulary.
     #[serde(default = "defaults::yes")]
     pub init_lm_head_from_target: bool,
+    /// The draft vocabulary (`d2t` / `t2d` safetensors written by `vocab`); absent means the
+    /// full target vocabulary (then `draft_vocab_size` must equal it).
+    #[serde(default)]
+    pub vocab: Option<PathBuf>,
 }
 
 /// `[train]`
@@ -130,6 +134,12 @@ pub struct TrainSection {
     /// bf16 autocast on a GPU.
     #[serde(default = "defaults::yes")]
     pub bf16: bool,
+    /// DDP gradient bucket size in MiB (gradients are flattened and all-reduced per bucket).
+    #[serde(default = "defaults::ddp_bucket_mb")]
+    pub ddp_bucket_mb: f64,
+    /// Timeout of each collective, seconds: a dead or frozen rank turns into an error naming it.
+    #[serde(default = "defaults::collective_timeout_s")]
+    pub collective_timeout_s: u64,
 }
 
 impl Default for TrainSection {
@@ -193,6 +203,12 @@ mod defaults {
     }
     pub fn keep_last() -> usize {
         3
+    }
+    pub fn ddp_bucket_mb() -> f64 {
+        25.0
+    }
+    pub fn collective_timeout_s() -> u64 {
+        300
     }
 }
 
