@@ -13,8 +13,10 @@ build: setup
 demo: build
 	@scripts/demo.sh
 
+# One intra-op thread per test process: cargo runs tests in parallel, and OpenMP teams
+# oversubscribing the cores run ~10x slower than single-threaded ones.
 test: setup
-	$(CARGO) test --no-fail-fast
+	OMP_NUM_THREADS=1 $(CARGO) test --no-fail-fast
 
 bench: build
 	@scripts/bench.sh
