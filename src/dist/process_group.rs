@@ -557,7 +557,9 @@ impl Shared {
                     &env.master_addr,
                     env.master_port,
                     is_server,
-                    if is_server { env.world_size } else { 0 },
+                    // Every rank passes the world size: each client then counts itself in,
+                    // and rank 0's constructor returns once all have joined.
+                    env.world_size,
                     opts.timeout,
                 )
                 .map_err(|m| rdzv(store_hint(m, is_server, env)))?;

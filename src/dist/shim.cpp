@@ -127,8 +127,8 @@ void sf_free(void* p) { std::free(p); }
 // ---- stores ---------------------------------------------------------------------------------
 
 // A TCPStore at host:port. is_server: this process hosts it (it binds every interface on `port`;
-// port 0 picks a free one, see sf_store_port). wait_workers > 0 makes the server's constructor
-// wait until that many clients (itself included) joined. timeout_ms bounds connecting, joining
+// port 0 picks a free one). wait_workers > 0: every process (server and clients alike) counts
+// itself in, and the server's constructor waits until that many joined (itself included). timeout_ms bounds connecting, joining
 // and every later blocking get/wait.
 int sf_store_tcp(const char* host, uint16_t port, int is_server, int wait_workers,
                  int64_t timeout_ms, sf_store** out, char** err) {
