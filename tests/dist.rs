@@ -630,3 +630,37 @@ fn env_single_and_errors() {
     assert_eq!(first_host("n[3-4]-ib").as_deref(), Some("n3-ib"));
     assert_eq!(first_host("").as_deref(), None);
 }
+
+/// With the `nccl` feature: on a host with 2+ GPUs, the selftest runs through ProcessGroupNCCL on
+/// CUDA tensors (f32 and bf16); without a GPU, asking for NCCL fails cleanly with c10d's own
+/// message instead of crashing or hanging.
+#[cfg(feature = "nccl")]
+#[test]
+fn nccl_collectives_or_clean_error_without_gpu() {
+    let gpus = tch::Cuda::device_count().max(0) as usize;
+    let args = [
+        "--cuda",
+        "--timeout-ms",
+        "60000",
+        "--sizes",
+        "1,1000,1048576",
+    ];
+    if gpus >= 2 {
+        let n = gpus.min(4);
+        let d = start(launch_cmd(free_port(), n, &[], &args)).finish(DEADLINE);
+        assert_ok(&d, n);
+    } else if gpus == 1 {
+        // NCCL cannot put two ranks on one GPU; world size 1 still checks the CUDA path.
+        let d = start(launch_cmd(free_port(), 1, &[], &args)).finish(DEADLINE);
+        assert_ok(&d, 1);
+    } else {
+        let d = start(launch_cmd(free_port(), 2, &[], &args)).finish(DEADLINE);
+        assert!(!d.status.success(), "{}", d.all());
+        assert!(
+            d.stderr
+                .contains("ProcessGroupNCCL is only supported with GPUs, no GPUs found"),
+            "{}",
+            d.all()
+        );
+    }
+}

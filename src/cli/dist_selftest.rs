@@ -8,9 +8,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::Args;
-use tch::{Kind, Tensor};
+use tch::{Device, Kind, Tensor};
 
-use crate::dist::{ProcessGroup, ReduceOp};
+use crate::dist::{BackendChoice, DistEnv, GroupOptions, ProcessGroup, ReduceOp};
 
 /// Options of the self-test.
 #[derive(Args, Debug)]
@@ -39,6 +39,10 @@ pub struct SelftestArgs {
     /// Timed iterations of the benchmark.
     #[arg(long, default_value_t = 10)]
     bench_iters: usize,
+    /// Run the checks (and the benchmark) on this rank's GPU, i.e. through NCCL (needs the
+    /// `nccl` feature and one GPU per local rank).
+    #[arg(long)]
+    cuda: bool,
 }
 
 fn kind_of(s: &str) -> anyhow::Result<Kind> {
@@ -55,7 +59,11 @@ fn kind_of(s: &str) -> anyhow::Result<Kind> {
 pub fn run(a: SelftestArgs) -> anyhow::Result<()> {
     let timeout = Duration::from_millis(a.timeout_ms);
     let t0 = Instant::now();
-    let pg = ProcessGroup::from_env(timeout)?;
+    let mut opts = GroupOptions::with_timeout(timeout);
+    if a.cuda {
+        opts.backend = BackendChoice::RequireNccl;
+    }
+    let pg = ProcessGroup::new(DistEnv::from_env()?, &opts)?;
     let (rank, world) = (pg.rank(), pg.world_size());
     tracing::debug!(rank, world, "joined in {:.2} s", t0.elapsed().as_secs_f64());
     if let Some(dir) = &a.pid_dir {
@@ -69,14 +77,27 @@ pub fn run(a: SelftestArgs) -> anyhow::Result<()> {
         eprintln!("dist-selftest: rank {rank} failing on purpose (--fail-rank)");
         std::process::exit(3);
     }
+    let device = if a.cuda {
+        match pg.cuda_device() {
+            Some(d) => d,
+            None if world == 1 && tch::Cuda::is_available() => Device::Cuda(0),
+            None => bail!(
+                "rank {rank}: --cuda, but the group has no NCCL backend (built without the \
+                 `nccl` feature, or no GPU visible: CUDA available = {})",
+                tch::Cuda::is_available()
+            ),
+        }
+    } else {
+        Device::Cpu
+    };
     if let Some(mb) = a.bench_mb {
-        return bench(&pg, mb, a.bench_iters, timeout);
+        return bench(&pg, mb, a.bench_iters, timeout, device);
     }
     let mut checks = 0usize;
     for d in &a.dtypes {
         let kind = kind_of(d)?;
         for &n in &a.sizes {
-            checks += check_all(&pg, kind, n, timeout)
+            checks += check_all(&pg, kind, n, timeout, device)
                 .with_context(|| format!("rank {rank}: dtype {d}, {n} elements"))?;
         }
     }
@@ -84,7 +105,7 @@ pub fn run(a: SelftestArgs) -> anyhow::Result<()> {
     checks += 1;
     if a.loop_secs > 0.0 {
         let until = Instant::now() + Duration::from_secs_f64(a.loop_secs);
-        let mut t = Tensor::ones([1000], (Kind::Float, tch::Device::Cpu));
+        let mut t = Tensor::ones([1000], (Kind::Float, device));
         let mut rounds = 0u64;
         while Instant::now() < until {
             pg.all_reduce(&mut t, ReduceOp::Max, timeout)?;
@@ -112,6 +133,7 @@ fn tag(r: usize, n: i64, kind: Kind) -> Tensor {
 }
 
 fn same(what: &str, got: &Tensor, want: &Tensor) -> anyhow::Result<()> {
+    let got = &got.to_device(Device::Cpu);
     if got.size() != want.size() || got.kind() != want.kind() {
         bail!(
             "{what}: got shape {:?} {:?}, want {:?} {:?}",
@@ -137,14 +159,22 @@ fn same(what: &str, got: &Tensor, want: &Tensor) -> anyhow::Result<()> {
 }
 
 /// all_reduce (sum, max, avg for floats), broadcast and all_gather on one dtype and size.
-fn check_all(pg: &ProcessGroup, kind: Kind, n: i64, timeout: Duration) -> anyhow::Result<usize> {
+fn check_all(
+    pg: &ProcessGroup,
+    kind: Kind,
+    n: i64,
+    timeout: Duration,
+    device: Device,
+) -> anyhow::Result<usize> {
     let (rank, world) = (pg.rank(), pg.world_size());
+    // Inputs are built on the CPU and moved; results are compared on the CPU.
+    let on = |t: Tensor| t.to_device(device);
     let all = |f: &dyn Fn(usize) -> Tensor| -> Vec<Tensor> {
         (0..world).map(|r| f(r).to_kind(Kind::Double)).collect()
     };
     let mut checks = 0;
 
-    let mut t = pattern(rank, n, kind);
+    let mut t = on(pattern(rank, n, kind));
     pg.all_reduce(&mut t, ReduceOp::Sum, timeout)?;
     let want = all(&|r| pattern(r, n, kind))
         .into_iter()
@@ -159,7 +189,7 @@ fn check_all(pg: &ProcessGroup, kind: Kind, n: i64, timeout: Duration) -> anyhow
             .remainder(11)
             .to_kind(kind)
     };
-    let mut t = shuffled(rank);
+    let mut t = on(shuffled(rank));
     pg.all_reduce(&mut t, ReduceOp::Max, timeout)?;
     let want = all(&|r| shuffled(r))
         .into_iter()
@@ -169,7 +199,7 @@ fn check_all(pg: &ProcessGroup, kind: Kind, n: i64, timeout: Duration) -> anyhow
     checks += 1;
 
     if matches!(kind, Kind::Float | Kind::BFloat16 | Kind::Double) {
-        let mut t = pattern(rank, n, kind);
+        let mut t = on(pattern(rank, n, kind));
         pg.all_reduce(&mut t, ReduceOp::Avg, timeout)?;
         let want = all(&|r| pattern(r, n, kind))
             .into_iter()
@@ -181,12 +211,12 @@ fn check_all(pg: &ProcessGroup, kind: Kind, n: i64, timeout: Duration) -> anyhow
     }
 
     let root = world - 1;
-    let mut t = tag(rank, n, kind);
+    let mut t = on(tag(rank, n, kind));
     pg.broadcast(&mut t, root, timeout)?;
     same("broadcast", &t, &tag(root, n, kind))?;
     checks += 1;
 
-    let got = pg.all_gather(&tag(rank, n, kind), timeout)?;
+    let got = pg.all_gather(&on(tag(rank, n, kind)), timeout)?;
     if got.len() != world {
         bail!(
             "all_gather returned {} tensors for {world} ranks",
@@ -201,9 +231,15 @@ fn check_all(pg: &ProcessGroup, kind: Kind, n: i64, timeout: Duration) -> anyhow
 }
 
 /// All-reduce bandwidth: prints one machine-readable line on rank 0.
-fn bench(pg: &ProcessGroup, mb: usize, iters: usize, timeout: Duration) -> anyhow::Result<()> {
+fn bench(
+    pg: &ProcessGroup,
+    mb: usize,
+    iters: usize,
+    timeout: Duration,
+    device: Device,
+) -> anyhow::Result<()> {
     let n = (mb * (1 << 20) / 4) as i64;
-    let mut t = Tensor::ones([n], (Kind::Float, tch::Device::Cpu));
+    let mut t = Tensor::ones([n], (Kind::Float, device));
     for _ in 0..2 {
         pg.all_reduce(&mut t, ReduceOp::Sum, timeout)?;
     }
@@ -212,6 +248,10 @@ fn bench(pg: &ProcessGroup, mb: usize, iters: usize, timeout: Duration) -> anyho
         pg.barrier(timeout)?;
         let s = Instant::now();
         pg.all_reduce(&mut t, ReduceOp::Sum, timeout)?;
+        if let Device::Cuda(i) = device {
+            // The clock must include the GPU work, not only its launch.
+            tch::Cuda::synchronize(i as i64);
+        }
         times.push(s.elapsed().as_secs_f64());
     }
     times.sort_by(f64::total_cmp);
@@ -223,7 +263,8 @@ fn bench(pg: &ProcessGroup, mb: usize, iters: usize, timeout: Duration) -> anyho
     let busbw = algbw * 2.0 * (world - 1.0) / world;
     if pg.is_main() {
         println!(
-            "BENCH dist_all_reduce backend=gloo world={} dtype=f32 bytes={} iters={} median_ms={:.2} min_ms={:.2} max_ms={:.2} algbw_GBps={:.3} busbw_GBps={:.3}",
+            "BENCH dist_all_reduce backend={} world={} dtype=f32 bytes={} iters={} median_ms={:.2} min_ms={:.2} max_ms={:.2} algbw_GBps={:.3} busbw_GBps={:.3}",
+            if device.is_cuda() { "nccl" } else { "gloo" },
             pg.world_size(),
             bytes as u64,
             times.len(),

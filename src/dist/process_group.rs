@@ -65,6 +65,9 @@ pub enum BackendChoice {
     Auto,
     /// Gloo only (CUDA tensors are then refused).
     GlooOnly,
+    /// Gloo and NCCL; creating the group fails when NCCL cannot be set up (no GPU, or built
+    /// without the `nccl` feature), with c10d's own message.
+    RequireNccl,
 }
 
 /// The backend an operation ran on.
@@ -628,14 +631,15 @@ impl Shared {
         opts: &GroupOptions,
         store: &RawStore,
     ) -> Result<Option<(RawGroup, usize)>, String> {
-        if opts.backend != BackendChoice::Auto || !tch::Cuda::is_available() {
+        let required = opts.backend == BackendChoice::RequireNccl;
+        if opts.backend == BackendChoice::GlooOnly || (!required && !tch::Cuda::is_available()) {
             return Ok(None);
         }
         let count = tch::Cuda::device_count().max(0) as usize;
         // One GPU per local rank; with CUDA_VISIBLE_DEVICES narrowed to one GPU per process the
-        // only visible device is 0.
-        let device = if count == 1 { 0 } else { env.local_rank };
-        if device >= count {
+        // only visible device is 0. With no GPU at all (RequireNccl) c10d reports it itself.
+        let device = if count <= 1 { 0 } else { env.local_rank };
+        if count > 1 && device >= count {
             return Err(format!(
                 "local rank {} has no GPU: {count} visible (one GPU per local rank)",
                 env.local_rank
@@ -650,9 +654,14 @@ impl Shared {
     #[cfg(not(feature = "nccl"))]
     fn maybe_nccl(
         _env: &DistEnv,
-        _opts: &GroupOptions,
+        opts: &GroupOptions,
         _store: &RawStore,
     ) -> Result<Option<(RawGroup, usize)>, String> {
+        if opts.backend == BackendChoice::RequireNccl {
+            return Err(
+                "NCCL required, but this binary was built without the `nccl` feature".into(),
+            );
+        }
         Ok(None)
     }
 

@@ -242,7 +242,10 @@ int sf_pg_nccl(sf_store* s, int rank, int size, int64_t timeout_ms, int device, 
   return guarded(err, [&] {
     // tch has no set-device API; NCCL communicators and ProcessGroupNCCL's internal streams use
     // the current device, so make it this rank's GPU before anything is created.
-    c10::cuda::set_device(static_cast<c10::DeviceIndex>(device));
+    // With no GPU at all, leave the check to ProcessGroupNCCL, whose message says so plainly.
+    if (c10::cuda::device_count() > 0) {
+      c10::cuda::set_device(static_cast<c10::DeviceIndex>(device));
+    }
     auto opts = c10d::ProcessGroupNCCL::Options::create();
     opts->timeout = ms(timeout_ms);
     auto pg = c10::make_intrusive<c10d::ProcessGroupNCCL>(s->store, rank, size, opts);
