@@ -140,6 +140,11 @@ pub enum Error {
     #[error("invalid input: {0}")]
     Input(String),
 
+    /// A distributed operation failed (rendezvous, a collective, a dead or frozen rank, the
+    /// launcher); the error names the rank.
+    #[error(transparent)]
+    Dist(#[from] crate::dist::DistError),
+
     /// A libtorch call failed.
     #[error(transparent)]
     Torch(#[from] tch::TchError),

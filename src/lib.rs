@@ -5,11 +5,13 @@
 //! | load a frozen target, capture aux states | [`target`] |
 //! | tokenizer and chat templates | [`data`] |
 //! | greedy generation with the KV cache | [`generate`] |
+//! | data-parallel process groups (c10d) and the launcher | [`dist`] |
 #![warn(missing_docs)]
 
 pub mod cli;
 pub mod config;
 pub mod data;
+pub mod dist;
 pub mod draft;
 pub mod error;
 pub mod eval;

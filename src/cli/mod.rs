@@ -1,6 +1,8 @@
 //! The command line: one subcommand per pipeline stage.
 
+mod dist_selftest;
 mod generate;
+mod launch;
 
 use clap::{Parser, Subcommand};
 
@@ -19,6 +21,12 @@ pub struct Cli {
 enum Command {
     /// Answer prompts with the target (greedy or sampled), batched with the KV cache.
     Generate(generate::GenerateArgs),
+    /// Start N ranks of a data-parallel job on this node, torchrun-style:
+    /// `launch --nproc-per-node N [--nnodes M --node-rank R --master-addr A --master-port P] -- <subcommand ...>`.
+    Launch(launch::LaunchArgs),
+    /// Internal: exercise the process group (used by the tests and the bandwidth benchmark).
+    #[command(hide = true)]
+    DistSelftest(dist_selftest::SelftestArgs),
 }
 
 /// Parses the command line and runs it.
@@ -27,5 +35,7 @@ pub fn main() -> anyhow::Result<()> {
     crate::util::logging::init(cli.verbose);
     match cli.command {
         Command::Generate(a) => generate::run(a),
+        Command::Launch(a) => launch::run(a),
+        Command::DistSelftest(a) => dist_selftest::run(a),
     }
 }
