@@ -23,18 +23,12 @@ fn main() {
         panic!("DEP_TCH_LIBTORCH_LIB is not set: torch-sys did not find libtorch (set LIBTORCH)");
     };
     println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib.display());
-    let want_cuda = std::env::var("TCH_LINK_CUDA")
-        .map(|v| v == "1")
-        .unwrap_or(false)
-        || std::env::var_os("CARGO_FEATURE_CUDA").is_some()
-        || nccl;
+    let want_cuda =
+        std::env::var("TCH_LINK_CUDA").map(|v| v == "1").unwrap_or(false) || std::env::var_os("CARGO_FEATURE_CUDA").is_some() || nccl;
     if want_cuda && lib.join("libtorch_cuda.so").exists() {
         println!("cargo:rustc-link-arg=-Wl,--no-as-needed,-ltorch_cuda,--as-needed");
     } else if nccl {
-        panic!(
-            "the `nccl` feature needs {}: ProcessGroupNCCL lives in libtorch_cuda",
-            lib.join("libtorch_cuda.so").display()
-        );
+        panic!("the `nccl` feature needs {}: ProcessGroupNCCL lives in libtorch_cuda", lib.join("libtorch_cuda.so").display());
     }
     build_dist_shim(&lib, nccl);
 }
@@ -43,9 +37,7 @@ fn main() {
 fn build_dist_shim(lib: &Path, nccl: bool) {
     let torch = lib.parent().unwrap_or(lib).to_path_buf();
     let include = torch.join("include");
-    let gloo_dir = std::env::var_os("GLOO_INCLUDE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/usr/include"));
+    let gloo_dir = std::env::var_os("GLOO_INCLUDE").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/usr/include"));
     if !gloo_dir.join("gloo/rendezvous/store.h").exists() {
         panic!(
             "gloo headers not found at {}/gloo: install Debian's libgloo-dev (scripts/setup.sh \
@@ -71,9 +63,7 @@ fn build_dist_shim(lib: &Path, nccl: bool) {
         system.push(gloo_dir);
     }
     if nccl {
-        b.define("USE_C10D_NCCL", None)
-            .define("USE_CUDA", None)
-            .define("SF_NCCL", None);
+        b.define("USE_C10D_NCCL", None).define("USE_CUDA", None).define("SF_NCCL", None);
         system.extend(cuda_include_dirs(&torch));
     }
     for dir in &system {
@@ -123,10 +113,7 @@ fn cuda_include_dirs(torch: &Path) -> Vec<PathBuf> {
     }
     let has = |rel: &str| dirs.iter().any(|d| d.join(rel).exists());
     for (rel, hint) in [
-        (
-            "cuda_runtime_api.h",
-            "nvidia-cuda-runtime (a torch dependency)",
-        ),
+        ("cuda_runtime_api.h", "nvidia-cuda-runtime (a torch dependency)"),
         ("crt/host_config.h", "nvidia-cuda-crt==13.0.88"),
         ("cuda/std/cstdint", "nvidia-cuda-cccl==13.0.85"),
         ("nccl.h", "nvidia-nccl-cu13==2.28.9 (a torch dependency)"),

@@ -56,20 +56,11 @@ fn reader(mut r: impl Read + Send + 'static) -> std::thread::JoinHandle<String> 
 
 fn start(mut cmd: Command) -> Running {
     // Backtraces would bury the one-line errors the assertions look at.
-    cmd.env("RUST_BACKTRACE", "0")
-        .env("RUST_LIB_BACKTRACE", "0")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+    cmd.env("RUST_BACKTRACE", "0").env("RUST_LIB_BACKTRACE", "0").stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
     let mut child = cmd.spawn().expect("spawn");
     let out = reader(child.stdout.take().expect("stdout"));
     let err = reader(child.stderr.take().expect("stderr"));
-    Running {
-        child,
-        out,
-        err,
-        started: Instant::now(),
-    }
+    Running { child, out, err, started: Instant::now() }
 }
 
 impl Running {
@@ -131,12 +122,7 @@ fn plain_rank(port: u16, rank: usize, world: usize, selftest: &[&str]) -> Runnin
 fn assert_ok(d: &Done, ranks: usize) {
     assert!(d.status.success(), "run failed: {}\n{}", d.status, d.all());
     for r in 0..ranks {
-        assert!(
-            d.stdout
-                .contains(&format!("dist-selftest: rank {r}/{ranks} ok")),
-            "rank {r} did not report success:\n{}",
-            d.all()
-        );
+        assert!(d.stdout.contains(&format!("dist-selftest: rank {r}/{ranks} ok")), "rank {r} did not report success:\n{}", d.all());
     }
 }
 
@@ -145,19 +131,12 @@ fn wait_pids(dir: &Path, ranks: usize) -> Vec<i32> {
     let until = Instant::now() + Duration::from_secs(30);
     loop {
         let pids: Vec<Option<i32>> = (0..ranks)
-            .map(|r| {
-                std::fs::read_to_string(dir.join(format!("rank{r}.pid")))
-                    .ok()
-                    .and_then(|s| s.trim().parse().ok())
-            })
+            .map(|r| std::fs::read_to_string(dir.join(format!("rank{r}.pid"))).ok().and_then(|s| s.trim().parse().ok()))
             .collect();
         if pids.iter().all(Option::is_some) {
             return pids.into_iter().flatten().collect();
         }
-        assert!(
-            Instant::now() < until,
-            "ranks did not all start within 30 s"
-        );
+        assert!(Instant::now() < until, "ranks did not all start within 30 s");
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -187,25 +166,14 @@ fn assert_all_gone(pids: &[i32]) {
     }
 }
 
-const CHECK_ARGS: &[&str] = &[
-    "--timeout-ms",
-    "20000",
-    "--sizes",
-    "1,1000,1048576",
-    "--dtypes",
-    "f32,bf16,i64",
-];
+const CHECK_ARGS: &[&str] = &["--timeout-ms", "20000", "--sizes", "1,1000,1048576", "--dtypes", "f32,bf16,i64"];
 
 #[test]
 fn launch_two_ranks_collectives_exact() {
     let d = start(launch_cmd(free_port(), 2, &[], CHECK_ARGS)).finish(DEADLINE);
     assert_ok(&d, 2);
     // Rank 0 passes through unprefixed, the others are prefixed.
-    assert!(
-        d.stdout.contains("[rank 1] dist-selftest: rank 1/2 ok"),
-        "{}",
-        d.all()
-    );
+    assert!(d.stdout.contains("[rank 1] dist-selftest: rank 1/2 ok"), "{}", d.all());
 }
 
 #[test]
@@ -217,13 +185,7 @@ fn launch_three_ranks_collectives_exact() {
 #[test]
 fn rank_zero_hosted_store_with_launch() {
     // --no-agent-store: rank 0 hosts the TCPStore, as under torchrun without an agent store.
-    let d = start(launch_cmd(
-        free_port(),
-        2,
-        &["--no-agent-store"],
-        &["--timeout-ms", "20000", "--sizes", "1,1000"],
-    ))
-    .finish(DEADLINE);
+    let d = start(launch_cmd(free_port(), 2, &["--no-agent-store"], &["--timeout-ms", "20000", "--sizes", "1,1000"])).finish(DEADLINE);
     assert_ok(&d, 2);
 }
 
@@ -243,23 +205,14 @@ fn plain_torchrun_variables_without_launcher() {
 fn under_torchrun_itself() {
     // The real torchrun (from the project venv) with its agent store: the binary runs unchanged.
     let torchrun = Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/torchrun");
-    assert!(
-        torchrun.exists(),
-        "{} missing: run scripts/setup.sh",
-        torchrun.display()
-    );
+    assert!(torchrun.exists(), "{} missing: run scripts/setup.sh", torchrun.display());
     let port = free_port();
     let mut c = Command::new(&torchrun);
     c.args(["--nproc-per-node", "2", "--master-port", &port.to_string()])
         .args(["--no-python", BIN, "dist-selftest", "--timeout-ms", "20000"])
         .args(["--sizes", "1,1000"]);
     let d = start(c).finish(DEADLINE);
-    assert!(
-        d.status.success(),
-        "torchrun run failed: {}\n{}",
-        d.status,
-        d.all()
-    );
+    assert!(d.status.success(), "torchrun run failed: {}\n{}", d.status, d.all());
     for r in 0..2 {
         assert!(d.stdout.contains(&format!("rank {r}/2 ok")), "{}", d.all());
     }
@@ -285,30 +238,16 @@ fn two_launch_invocations_form_one_group() {
     assert!(d0.status.success(), "node 0: {}\n{}", d0.status, d0.all());
     assert!(d1.status.success(), "node 1: {}\n{}", d1.status, d1.all());
     assert!(d0.stdout.contains("rank 0/2 ok"), "{}", d0.all());
-    assert!(
-        d1.stdout.contains("[rank 1] dist-selftest: rank 1/2 ok"),
-        "{}",
-        d1.all()
-    );
+    assert!(d1.stdout.contains("[rank 1] dist-selftest: rank 1/2 ok"), "{}", d1.all());
 }
 
 /// Ranks that keep all-reducing (3 s collective timeout) and report their pids.
 fn looping(dir: &Path) -> Vec<String> {
-    [
-        "--timeout-ms",
-        "3000",
-        "--sizes",
-        "1",
-        "--dtypes",
-        "f32",
-        "--loop-secs",
-        "120",
-        "--pid-dir",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .chain([dir.display().to_string()])
-    .collect()
+    ["--timeout-ms", "3000", "--sizes", "1", "--dtypes", "f32", "--loop-secs", "120", "--pid-dir"]
+        .iter()
+        .map(|s| s.to_string())
+        .chain([dir.display().to_string()])
+        .collect()
 }
 
 #[test]
@@ -325,16 +264,11 @@ fn kill9_of_a_rank_stops_the_launcher_naming_it() {
     let took = t.elapsed();
     assert!(!d.status.success(), "launcher succeeded:\n{}", d.all());
     assert!(
-        d.stderr.contains("rank 1 (local rank 1 on node 0")
-            && d.stderr.contains("killed by signal 9 (SIGKILL)"),
+        d.stderr.contains("rank 1 (local rank 1 on node 0") && d.stderr.contains("killed by signal 9 (SIGKILL)"),
         "launcher error does not name rank 1 and SIGKILL:\n{}",
         d.all()
     );
-    assert!(
-        took < Duration::from_secs(20),
-        "took {took:?}:\n{}",
-        d.all()
-    );
+    assert!(took < Duration::from_secs(20), "took {took:?}:\n{}", d.all());
     assert_all_gone(&pids);
 }
 
@@ -357,18 +291,10 @@ fn sigstop_of_a_rank_times_out_and_names_it() {
         "launcher error does not name the stopped rank 1:\n{}",
         d.all()
     );
-    assert!(
-        d.stderr.contains("no heartbeat from rank 1"),
-        "survivors did not name rank 1:\n{}",
-        d.all()
-    );
+    assert!(d.stderr.contains("no heartbeat from rank 1"), "survivors did not name rank 1:\n{}", d.all());
     assert!(d.stderr.contains("timed out"), "{}", d.all());
     // 3 s timeout + 2.5 s diagnosis + shutdown; far below the 60 s bound.
-    assert!(
-        took < Duration::from_secs(25),
-        "took {took:?}:\n{}",
-        d.all()
-    );
+    assert!(took < Duration::from_secs(25), "took {took:?}:\n{}", d.all());
     assert_all_gone(&pids);
 }
 
@@ -388,18 +314,12 @@ fn frozen_rank_without_launcher_survivors_name_it() {
         let d = run.finish(DEADLINE);
         assert!(!d.status.success(), "rank {r} succeeded:\n{}", d.all());
         assert!(
-            d.stderr
-                .contains(&format!("rank {r}/3: all_reduce timed out"))
-                && d.stderr.contains("no heartbeat from rank 2"),
+            d.stderr.contains(&format!("rank {r}/3: all_reduce timed out")) && d.stderr.contains("no heartbeat from rank 2"),
             "rank {r} does not name rank 2:\n{}",
             d.all()
         );
     }
-    assert!(
-        t.elapsed() < Duration::from_secs(25),
-        "took {:?}",
-        t.elapsed()
-    );
+    assert!(t.elapsed() < Duration::from_secs(25), "took {:?}", t.elapsed());
     signal(frozen.pid(), libc::SIGKILL);
     let _ = frozen.finish(DEADLINE);
 }
@@ -421,43 +341,21 @@ fn killed_store_host_without_launcher_is_named() {
         let d = run.finish(DEADLINE);
         assert!(!d.status.success(), "rank {r} succeeded:\n{}", d.all());
         assert!(
-            d.stderr.contains(&format!("rank {r}/3: all_reduce failed"))
-                && d.stderr.contains("rank 0 is likely dead or stopped"),
+            d.stderr.contains(&format!("rank {r}/3: all_reduce failed")) && d.stderr.contains("rank 0 is likely dead or stopped"),
             "rank {r} does not name rank 0:\n{}",
             d.all()
         );
     }
-    assert!(
-        t.elapsed() < Duration::from_secs(20),
-        "took {:?}",
-        t.elapsed()
-    );
+    assert!(t.elapsed() < Duration::from_secs(20), "took {:?}", t.elapsed());
     let _ = host.finish(DEADLINE);
 }
 
 #[test]
 fn failing_rank_exit_code_is_reported() {
-    let d = start(launch_cmd(
-        free_port(),
-        2,
-        &["--grace-period", "2"],
-        &[
-            "--timeout-ms",
-            "5000",
-            "--fail-rank",
-            "1",
-            "--loop-secs",
-            "60",
-        ],
-    ))
-    .finish(DEADLINE);
+    let d = start(launch_cmd(free_port(), 2, &["--grace-period", "2"], &["--timeout-ms", "5000", "--fail-rank", "1", "--loop-secs", "60"]))
+        .finish(DEADLINE);
     assert!(!d.status.success(), "{}", d.all());
-    assert!(
-        d.stderr.contains("rank 1 (local rank 1 on node 0")
-            && d.stderr.contains("exited with code 3"),
-        "{}",
-        d.all()
-    );
+    assert!(d.stderr.contains("rank 1 (local rank 1 on node 0") && d.stderr.contains("exited with code 3"), "{}", d.all());
 }
 
 #[test]
@@ -472,11 +370,7 @@ fn sigterm_to_launcher_is_forwarded() {
     let d = run.finish(DEADLINE);
     assert!(!d.status.success(), "{}", d.all());
     assert!(d.stderr.contains("interrupted by SIGTERM"), "{}", d.all());
-    assert!(
-        t.elapsed() < Duration::from_secs(10),
-        "took {:?}",
-        t.elapsed()
-    );
+    assert!(t.elapsed() < Duration::from_secs(10), "took {:?}", t.elapsed());
     assert_all_gone(&pids);
 }
 
@@ -485,12 +379,7 @@ fn missing_rank_fails_rendezvous_within_timeout() {
     // Only rank 0 of 2 starts: the store gives up after the timeout and says who is missing.
     let d = plain_rank(free_port(), 0, 2, &["--timeout-ms", "2000"]).finish(DEADLINE);
     assert!(!d.status.success(), "{}", d.all());
-    assert!(
-        d.stderr.contains("rank 0: rendezvous at 127.0.0.1:")
-            && d.stderr.contains("1/2 clients joined"),
-        "{}",
-        d.all()
-    );
+    assert!(d.stderr.contains("rank 0: rendezvous at 127.0.0.1:") && d.stderr.contains("1/2 clients joined"), "{}", d.all());
     assert!(d.elapsed < Duration::from_secs(15), "took {:?}", d.elapsed);
 }
 
@@ -516,9 +405,7 @@ fn single_process_group_is_identity() {
     pg.barrier(to).expect("barrier");
     // The same argument checks as a real group, so code that runs on one process runs on N.
     let mut strided = Tensor::zeros([4, 4], (Kind::Float, tch::Device::Cpu)).transpose(0, 1);
-    let e = pg
-        .all_reduce(&mut strided, ReduceOp::Sum, to)
-        .expect_err("non-contiguous");
+    let e = pg.all_reduce(&mut strided, ReduceOp::Sum, to).expect_err("non-contiguous");
     assert!(e.to_string().contains("not contiguous"), "{e}");
     let mut ints = Tensor::from_slice(&[1i64, 2]);
     assert!(pg.all_reduce(&mut ints, ReduceOp::Avg, to).is_err());
@@ -526,10 +413,7 @@ fn single_process_group_is_identity() {
 }
 
 fn vars(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
-    let m: HashMap<String, String> = pairs
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
+    let m: HashMap<String, String> = pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
     move |k| m.get(k).cloned()
 }
 
@@ -547,15 +431,9 @@ fn env_torchrun_variables() {
         ("SLURM_NTASKS", "2"),
     ]))
     .expect("parse");
-    assert_eq!(
-        (e.rank, e.world_size, e.local_rank, e.local_world_size),
-        (5, 8, 1, 4)
-    );
+    assert_eq!((e.rank, e.world_size, e.local_rank, e.local_world_size), (5, 8, 1, 4));
     assert_eq!((e.master_addr.as_str(), e.master_port), ("10.0.0.7", 29999));
-    assert_eq!(
-        (e.store.clone(), e.source),
-        (StoreMode::RankZeroHosts, EnvSource::Torchrun)
-    );
+    assert_eq!((e.store.clone(), e.source), (StoreMode::RankZeroHosts, EnvSource::Torchrun));
 
     let e = DistEnv::from_vars(vars(&[
         ("RANK", "0"),
@@ -564,16 +442,8 @@ fn env_torchrun_variables() {
         ("TORCHELASTIC_RESTART_COUNT", "3"),
     ]))
     .expect("parse");
-    assert_eq!(
-        e.store,
-        StoreMode::Agent {
-            prefix: "/worker/attempt_3".into()
-        }
-    );
-    assert_eq!(
-        (e.master_addr.as_str(), e.master_port),
-        ("127.0.0.1", 29500)
-    );
+    assert_eq!(e.store, StoreMode::Agent { prefix: "/worker/attempt_3".into() });
+    assert_eq!((e.master_addr.as_str(), e.master_port), ("127.0.0.1", 29500));
 }
 
 #[test]
@@ -588,10 +458,7 @@ fn env_slurm_fallbacks() {
         ("SLURM_JOB_ID", "123456"),
     ]))
     .expect("parse");
-    assert_eq!(
-        (e.rank, e.world_size, e.local_rank, e.local_world_size),
-        (6, 8, 2, 4)
-    );
+    assert_eq!((e.rank, e.world_size, e.local_rank, e.local_world_size), (6, 8, 2, 4));
     assert_eq!(e.master_addr, "gpu07");
     assert_eq!(e.master_port, 15000 + (123456 % 20000) as u16);
     assert_eq!(e.source, EnvSource::Slurm);
@@ -620,10 +487,7 @@ fn env_single_and_errors() {
         vec![("RANK", "0"), ("WORLD_SIZE", "2"), ("MASTER_PORT", "70000")],
     ] {
         let err = DistEnv::from_vars(vars(&bad)).expect_err("must fail");
-        assert!(
-            err.to_string().starts_with("distributed environment:"),
-            "{err}"
-        );
+        assert!(err.to_string().starts_with("distributed environment:"), "{err}");
     }
     assert_eq!(first_host("node[01-04,07],gpu5").as_deref(), Some("node01"));
     assert_eq!(first_host("a,b").as_deref(), Some("a"));
@@ -638,13 +502,7 @@ fn env_single_and_errors() {
 #[test]
 fn nccl_collectives_or_clean_error_without_gpu() {
     let gpus = tch::Cuda::device_count().max(0) as usize;
-    let args = [
-        "--cuda",
-        "--timeout-ms",
-        "60000",
-        "--sizes",
-        "1,1000,1048576",
-    ];
+    let args = ["--cuda", "--timeout-ms", "60000", "--sizes", "1,1000,1048576"];
     if gpus >= 2 {
         let n = gpus.min(4);
         let d = start(launch_cmd(free_port(), n, &[], &args)).finish(DEADLINE);
@@ -656,11 +514,6 @@ fn nccl_collectives_or_clean_error_without_gpu() {
     } else {
         let d = start(launch_cmd(free_port(), 2, &[], &args)).finish(DEADLINE);
         assert!(!d.status.success(), "{}", d.all());
-        assert!(
-            d.stderr
-                .contains("ProcessGroupNCCL is only supported with GPUs, no GPUs found"),
-            "{}",
-            d.all()
-        );
+        assert!(d.stderr.contains("ProcessGroupNCCL is only supported with GPUs, no GPUs found"), "{}", d.all());
     }
 }

@@ -97,8 +97,7 @@ pub fn run(a: SelftestArgs) -> anyhow::Result<()> {
     for d in &a.dtypes {
         let kind = kind_of(d)?;
         for &n in &a.sizes {
-            checks += check_all(&pg, kind, n, timeout, device)
-                .with_context(|| format!("rank {rank}: dtype {d}, {n} elements"))?;
+            checks += check_all(&pg, kind, n, timeout, device).with_context(|| format!("rank {rank}: dtype {d}, {n} elements"))?;
         }
     }
     pg.barrier(timeout)?;
@@ -135,13 +134,7 @@ fn tag(r: usize, n: i64, kind: Kind) -> Tensor {
 fn same(what: &str, got: &Tensor, want: &Tensor) -> anyhow::Result<()> {
     let got = &got.to_device(Device::Cpu);
     if got.size() != want.size() || got.kind() != want.kind() {
-        bail!(
-            "{what}: got shape {:?} {:?}, want {:?} {:?}",
-            got.size(),
-            got.kind(),
-            want.size(),
-            want.kind()
-        );
+        bail!("{what}: got shape {:?} {:?}, want {:?} {:?}", got.size(), got.kind(), want.size(), want.kind());
     }
     let diff = got.to_kind(Kind::Double) - want.to_kind(Kind::Double);
     let bad = diff.ne(0.0).nonzero();
@@ -159,53 +152,31 @@ fn same(what: &str, got: &Tensor, want: &Tensor) -> anyhow::Result<()> {
 }
 
 /// all_reduce (sum, max, avg for floats), broadcast and all_gather on one dtype and size.
-fn check_all(
-    pg: &ProcessGroup,
-    kind: Kind,
-    n: i64,
-    timeout: Duration,
-    device: Device,
-) -> anyhow::Result<usize> {
+fn check_all(pg: &ProcessGroup, kind: Kind, n: i64, timeout: Duration, device: Device) -> anyhow::Result<usize> {
     let (rank, world) = (pg.rank(), pg.world_size());
     // Inputs are built on the CPU and moved; results are compared on the CPU.
     let on = |t: Tensor| t.to_device(device);
-    let all = |f: &dyn Fn(usize) -> Tensor| -> Vec<Tensor> {
-        (0..world).map(|r| f(r).to_kind(Kind::Double)).collect()
-    };
+    let all = |f: &dyn Fn(usize) -> Tensor| -> Vec<Tensor> { (0..world).map(|r| f(r).to_kind(Kind::Double)).collect() };
     let mut checks = 0;
 
     let mut t = on(pattern(rank, n, kind));
     pg.all_reduce(&mut t, ReduceOp::Sum, timeout)?;
-    let want = all(&|r| pattern(r, n, kind))
-        .into_iter()
-        .reduce(|a, b| a + b)
-        .context("empty world")?;
+    let want = all(&|r| pattern(r, n, kind)).into_iter().reduce(|a, b| a + b).context("empty world")?;
     same("all_reduce sum", &t, &want.to_kind(kind))?;
     checks += 1;
 
     // Max over ranks of a pattern whose per-element winner varies with the rank.
-    let shuffled = |r: usize| {
-        (pattern(r, n, kind).to_kind(Kind::Int64) * 3)
-            .remainder(11)
-            .to_kind(kind)
-    };
+    let shuffled = |r: usize| (pattern(r, n, kind).to_kind(Kind::Int64) * 3).remainder(11).to_kind(kind);
     let mut t = on(shuffled(rank));
     pg.all_reduce(&mut t, ReduceOp::Max, timeout)?;
-    let want = all(&|r| shuffled(r))
-        .into_iter()
-        .reduce(|a, b| a.maximum(&b))
-        .context("empty world")?;
+    let want = all(&|r| shuffled(r)).into_iter().reduce(|a, b| a.maximum(&b)).context("empty world")?;
     same("all_reduce max", &t, &want.to_kind(kind))?;
     checks += 1;
 
     if matches!(kind, Kind::Float | Kind::BFloat16 | Kind::Double) {
         let mut t = on(pattern(rank, n, kind));
         pg.all_reduce(&mut t, ReduceOp::Avg, timeout)?;
-        let want = all(&|r| pattern(r, n, kind))
-            .into_iter()
-            .reduce(|a, b| a + b)
-            .context("empty world")?
-            / world as f64;
+        let want = all(&|r| pattern(r, n, kind)).into_iter().reduce(|a, b| a + b).context("empty world")? / world as f64;
         same("all_reduce avg", &t, &want.to_kind(kind))?;
         checks += 1;
     }
@@ -218,10 +189,7 @@ fn check_all(
 
     let got = pg.all_gather(&on(tag(rank, n, kind)), timeout)?;
     if got.len() != world {
-        bail!(
-            "all_gather returned {} tensors for {world} ranks",
-            got.len()
-        );
+        bail!("all_gather returned {} tensors for {world} ranks", got.len());
     }
     for (r, g) in got.iter().enumerate() {
         same(&format!("all_gather from rank {r}"), g, &tag(r, n, kind))?;
@@ -231,13 +199,7 @@ fn check_all(
 }
 
 /// All-reduce bandwidth: prints one machine-readable line on rank 0.
-fn bench(
-    pg: &ProcessGroup,
-    mb: usize,
-    iters: usize,
-    timeout: Duration,
-    device: Device,
-) -> anyhow::Result<()> {
+fn bench(pg: &ProcessGroup, mb: usize, iters: usize, timeout: Duration, device: Device) -> anyhow::Result<()> {
     let n = (mb * (1 << 20) / 4) as i64;
     let mut t = Tensor::ones([n], (Kind::Float, device));
     for _ in 0..2 {

@@ -41,8 +41,7 @@ pub struct LaunchArgs {
 /// Runs the launcher; the error names the failed rank.
 pub fn run(a: LaunchArgs) -> anyhow::Result<()> {
     let program = std::env::current_exe().context("finding this program's path")?;
-    let grace = Duration::try_from_secs_f64(a.grace_period.max(0.0))
-        .context("--grace-period is not a valid number of seconds")?;
+    let grace = Duration::try_from_secs_f64(a.grace_period.max(0.0)).context("--grace-period is not a valid number of seconds")?;
     let opts = LaunchOptions {
         nproc_per_node: a.nproc_per_node,
         nnodes: a.nnodes,

@@ -92,20 +92,12 @@ impl DistEnv {
         let parse = |k: &str| -> Result<Option<usize>, DistError> {
             match get(k) {
                 None => Ok(None),
-                Some(v) => v
-                    .trim()
-                    .parse::<usize>()
-                    .map(Some)
-                    .map_err(|_| env_err(k, &v, "expected a non-negative integer")),
+                Some(v) => v.trim().parse::<usize>().map(Some).map_err(|_| env_err(k, &v, "expected a non-negative integer")),
             }
         };
         let torchrun = get("RANK").is_some() || get("WORLD_SIZE").is_some();
         let slurm = !torchrun && get("SLURM_PROCID").is_some();
-        let (rank_var, world_var) = if slurm {
-            ("SLURM_PROCID", "SLURM_NTASKS")
-        } else {
-            ("RANK", "WORLD_SIZE")
-        };
+        let (rank_var, world_var) = if slurm { ("SLURM_PROCID", "SLURM_NTASKS") } else { ("RANK", "WORLD_SIZE") };
         let rank = parse(rank_var)?;
         let mut world = parse(world_var)?;
         if slurm && world.is_none() {
@@ -114,31 +106,15 @@ impl DistEnv {
         let (rank, world_size) = match (rank, world) {
             (None, None) => return Ok(Self::single()),
             (Some(r), Some(w)) => (r, w),
-            (Some(_), None) => {
-                return Err(env_err(
-                    world_var,
-                    "",
-                    &format!("missing while {rank_var} is set"),
-                ))
-            }
+            (Some(_), None) => return Err(env_err(world_var, "", &format!("missing while {rank_var} is set"))),
             (None, Some(1)) => (0, 1),
-            (None, Some(_)) => {
-                return Err(env_err(
-                    rank_var,
-                    "",
-                    &format!("missing while {world_var} is set"),
-                ))
-            }
+            (None, Some(_)) => return Err(env_err(rank_var, "", &format!("missing while {world_var} is set"))),
         };
         if world_size == 0 {
             return Err(env_err(world_var, "0", "must be at least 1"));
         }
         if rank >= world_size {
-            return Err(env_err(
-                rank_var,
-                &rank.to_string(),
-                &format!("must be below {world_var}={world_size}"),
-            ));
+            return Err(env_err(rank_var, &rank.to_string(), &format!("must be below {world_var}={world_size}")));
         }
         let local_world_size = if slurm {
             match parse_leading("SLURM_NTASKS_PER_NODE", &get)? {
@@ -150,12 +126,7 @@ impl DistEnv {
         }
         .unwrap_or(world_size)
         .clamp(1, world_size);
-        let local_rank = if slurm {
-            parse("SLURM_LOCALID")?
-        } else {
-            parse("LOCAL_RANK")?
-        }
-        .unwrap_or(rank % local_world_size);
+        let local_rank = if slurm { parse("SLURM_LOCALID")? } else { parse("LOCAL_RANK")? }.unwrap_or(rank % local_world_size);
 
         let master_addr = match get("MASTER_ADDR") {
             Some(a) => a.trim().to_string(),
@@ -167,12 +138,9 @@ impl DistEnv {
             None => "127.0.0.1".into(),
         };
         let master_port = match get("MASTER_PORT") {
-            Some(p) => p
-                .trim()
-                .parse::<u16>()
-                .ok()
-                .filter(|p| *p != 0)
-                .ok_or_else(|| env_err("MASTER_PORT", &p, "expected a port 1-65535"))?,
+            Some(p) => {
+                p.trim().parse::<u16>().ok().filter(|p| *p != 0).ok_or_else(|| env_err("MASTER_PORT", &p, "expected a port 1-65535"))?
+            }
             None if slurm => match parse("SLURM_JOB_ID")? {
                 // Every job gets its own port, so two jobs sharing a node do not collide.
                 Some(id) => 15000 + (id % 20000) as u16,
@@ -182,9 +150,7 @@ impl DistEnv {
         };
         let store = if get("TORCHELASTIC_USE_AGENT_STORE").as_deref() == Some("True") {
             let attempt = parse("TORCHELASTIC_RESTART_COUNT")?.unwrap_or(0);
-            StoreMode::Agent {
-                prefix: format!("/worker/attempt_{attempt}"),
-            }
+            StoreMode::Agent { prefix: format!("/worker/attempt_{attempt}") }
         } else {
             StoreMode::RankZeroHosts
         };
@@ -196,35 +162,21 @@ impl DistEnv {
             master_addr,
             master_port,
             store,
-            source: if slurm {
-                EnvSource::Slurm
-            } else {
-                EnvSource::Torchrun
-            },
+            source: if slurm { EnvSource::Slurm } else { EnvSource::Torchrun },
         })
     }
 }
 
 fn env_err(var: &str, value: &str, problem: &str) -> DistError {
-    DistError::Env {
-        var: var.to_string(),
-        value: value.to_string(),
-        problem: problem.to_string(),
-    }
+    DistError::Env { var: var.to_string(), value: value.to_string(), problem: problem.to_string() }
 }
 
 /// SLURM's per-node task counts look like `4`, `4(x2)` or `4(x2),3`; the first number is this
 /// job's count on the first node, which is what a homogeneous job has everywhere.
-fn parse_leading(
-    var: &str,
-    get: &impl Fn(&str) -> Option<String>,
-) -> Result<Option<usize>, DistError> {
+fn parse_leading(var: &str, get: &impl Fn(&str) -> Option<String>) -> Result<Option<usize>, DistError> {
     let Some(v) = get(var) else { return Ok(None) };
     let digits: String = v.chars().take_while(|c| c.is_ascii_digit()).collect();
-    digits
-        .parse::<usize>()
-        .map(Some)
-        .map_err(|_| env_err(var, &v, "expected a task count such as `4` or `4(x2)`"))
+    digits.parse::<usize>().map(Some).map_err(|_| env_err(var, &v, "expected a task count such as `4` or `4(x2)`"))
 }
 
 /// The first host of a SLURM node list: `node[01-04,07],gpu5` → `node01`; `a,b` → `a`.

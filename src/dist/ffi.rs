@@ -32,41 +32,13 @@ extern "C" {
         out: *mut *mut SfStore,
         err: *mut *mut c_char,
     ) -> c_int;
-    fn sf_store_prefix(
-        s: *mut SfStore,
-        prefix: *const c_char,
-        out: *mut *mut SfStore,
-        err: *mut *mut c_char,
-    ) -> c_int;
+    fn sf_store_prefix(s: *mut SfStore, prefix: *const c_char, out: *mut *mut SfStore, err: *mut *mut c_char) -> c_int;
     fn sf_store_clone(s: *mut SfStore, out: *mut *mut SfStore, err: *mut *mut c_char) -> c_int;
     fn sf_store_set_timeout(s: *mut SfStore, timeout_ms: i64, err: *mut *mut c_char) -> c_int;
-    fn sf_store_set(
-        s: *mut SfStore,
-        key: *const c_char,
-        data: *const u8,
-        len: usize,
-        err: *mut *mut c_char,
-    ) -> c_int;
-    fn sf_store_get(
-        s: *mut SfStore,
-        key: *const c_char,
-        data: *mut *mut u8,
-        len: *mut usize,
-        err: *mut *mut c_char,
-    ) -> c_int;
-    fn sf_store_add(
-        s: *mut SfStore,
-        key: *const c_char,
-        delta: i64,
-        value: *mut i64,
-        err: *mut *mut c_char,
-    ) -> c_int;
-    fn sf_store_check(
-        s: *mut SfStore,
-        key: *const c_char,
-        exists: *mut c_int,
-        err: *mut *mut c_char,
-    ) -> c_int;
+    fn sf_store_set(s: *mut SfStore, key: *const c_char, data: *const u8, len: usize, err: *mut *mut c_char) -> c_int;
+    fn sf_store_get(s: *mut SfStore, key: *const c_char, data: *mut *mut u8, len: *mut usize, err: *mut *mut c_char) -> c_int;
+    fn sf_store_add(s: *mut SfStore, key: *const c_char, delta: i64, value: *mut i64, err: *mut *mut c_char) -> c_int;
+    fn sf_store_check(s: *mut SfStore, key: *const c_char, exists: *mut c_int, err: *mut *mut c_char) -> c_int;
     fn sf_store_free(s: *mut SfStore);
 
     fn sf_pg_gloo(
@@ -115,12 +87,7 @@ extern "C" {
         out: *mut *mut SfWork,
         err: *mut *mut c_char,
     ) -> c_int;
-    fn sf_pg_barrier(
-        pg: *mut SfPg,
-        timeout_ms: i64,
-        out: *mut *mut SfWork,
-        err: *mut *mut c_char,
-    ) -> c_int;
+    fn sf_pg_barrier(pg: *mut SfPg, timeout_ms: i64, out: *mut *mut SfWork, err: *mut *mut c_char) -> c_int;
     fn sf_work_wait(w: *mut SfWork, timeout_ms: i64, err: *mut *mut c_char) -> c_int;
     fn sf_work_free(w: *mut SfWork);
     fn sf_pg_abort(pg: *mut SfPg);
@@ -171,34 +138,16 @@ unsafe impl Sync for RawStore {}
 
 impl RawStore {
     fn from_out(out: *mut SfStore) -> Result<Self, String> {
-        NonNull::new(out)
-            .map(RawStore)
-            .ok_or_else(|| "c10d returned no store".to_string())
+        NonNull::new(out).map(RawStore).ok_or_else(|| "c10d returned no store".to_string())
     }
 
     /// A TCPStore server (this process hosts it) or client at `host:port`.
-    pub(crate) fn tcp(
-        host: &str,
-        port: u16,
-        is_server: bool,
-        wait_workers: usize,
-        timeout: Duration,
-    ) -> Result<Self, String> {
+    pub(crate) fn tcp(host: &str, port: u16, is_server: bool, wait_workers: usize, timeout: Duration) -> Result<Self, String> {
         let host = cstring(host)?;
         let wait = c_int::try_from(wait_workers).map_err(|_| "too many workers".to_string())?;
         let mut out = std::ptr::null_mut();
         // SAFETY: host is a valid C string for the call; `out` receives a new heap handle we own.
-        call(|err| unsafe {
-            sf_store_tcp(
-                host.as_ptr(),
-                port,
-                c_int::from(is_server),
-                wait,
-                millis(timeout),
-                &mut out,
-                err,
-            )
-        })?;
+        call(|err| unsafe { sf_store_tcp(host.as_ptr(), port, c_int::from(is_server), wait, millis(timeout), &mut out, err) })?;
         Self::from_out(out)
     }
 
@@ -229,15 +178,7 @@ impl RawStore {
     pub(crate) fn set(&self, key: &str, value: &[u8]) -> Result<(), String> {
         let k = cstring(key)?;
         // SAFETY: live handle, valid C string, `value` is valid for len bytes during the call.
-        call(|err| unsafe {
-            sf_store_set(
-                self.0.as_ptr(),
-                k.as_ptr(),
-                value.as_ptr(),
-                value.len(),
-                err,
-            )
-        })
+        call(|err| unsafe { sf_store_set(self.0.as_ptr(), k.as_ptr(), value.as_ptr(), value.len(), err) })
     }
 
     pub(crate) fn get(&self, key: &str) -> Result<Vec<u8>, String> {
@@ -309,9 +250,7 @@ pub(crate) enum RawOp {
 
 impl RawGroup {
     fn from_out(out: *mut SfPg) -> Result<Self, String> {
-        NonNull::new(out)
-            .map(RawGroup)
-            .ok_or_else(|| "c10d returned no process group".to_string())
+        NonNull::new(out).map(RawGroup).ok_or_else(|| "c10d returned no process group".to_string())
     }
 
     /// A Gloo group; see sf_pg_gloo for how the transport device is chosen.
@@ -348,27 +287,11 @@ impl RawGroup {
 
     /// An NCCL group bound to CUDA device `device`.
     #[cfg_attr(not(feature = "nccl"), allow(dead_code))]
-    pub(crate) fn nccl(
-        store: &RawStore,
-        rank: usize,
-        size: usize,
-        timeout: Duration,
-        device: usize,
-    ) -> Result<Self, String> {
+    pub(crate) fn nccl(store: &RawStore, rank: usize, size: usize, timeout: Duration, device: usize) -> Result<Self, String> {
         let (rank, size, device) = ints(rank, size, device)?;
         let mut out = std::ptr::null_mut();
         // SAFETY: live store handle; `out` receives a new handle we own.
-        call(|err| unsafe {
-            sf_pg_nccl(
-                store.as_ptr(),
-                rank,
-                size,
-                millis(timeout),
-                device,
-                &mut out,
-                err,
-            )
-        })?;
+        call(|err| unsafe { sf_pg_nccl(store.as_ptr(), rank, size, millis(timeout), device, &mut out, err) })?;
         Self::from_out(out)
     }
 
@@ -377,24 +300,10 @@ impl RawGroup {
     /// # Safety
     /// `tensor` must point to a live tch tensor for the duration of the call (the backend keeps
     /// its own reference to the storage afterwards).
-    pub(crate) unsafe fn all_reduce(
-        &self,
-        tensor: *mut c_void,
-        op: RawOp,
-        timeout: Duration,
-    ) -> Result<RawWork, String> {
+    pub(crate) unsafe fn all_reduce(&self, tensor: *mut c_void, op: RawOp, timeout: Duration) -> Result<RawWork, String> {
         let mut out = std::ptr::null_mut();
         // SAFETY: live group handle; `tensor` valid per this function's contract.
-        call(|err| unsafe {
-            sf_pg_allreduce(
-                self.0.as_ptr(),
-                tensor,
-                op as c_int,
-                millis(timeout),
-                &mut out,
-                err,
-            )
-        })?;
+        call(|err| unsafe { sf_pg_allreduce(self.0.as_ptr(), tensor, op as c_int, millis(timeout), &mut out, err) })?;
         RawWork::from_out(out)
     }
 
@@ -402,25 +311,11 @@ impl RawGroup {
     ///
     /// # Safety
     /// As for [`RawGroup::all_reduce`].
-    pub(crate) unsafe fn broadcast(
-        &self,
-        tensor: *mut c_void,
-        root: usize,
-        timeout: Duration,
-    ) -> Result<RawWork, String> {
+    pub(crate) unsafe fn broadcast(&self, tensor: *mut c_void, root: usize, timeout: Duration) -> Result<RawWork, String> {
         let root = c_int::try_from(root).map_err(|_| "root rank out of range".to_string())?;
         let mut out = std::ptr::null_mut();
         // SAFETY: live group handle; `tensor` valid per this function's contract.
-        call(|err| unsafe {
-            sf_pg_broadcast(
-                self.0.as_ptr(),
-                tensor,
-                root,
-                millis(timeout),
-                &mut out,
-                err,
-            )
-        })?;
+        call(|err| unsafe { sf_pg_broadcast(self.0.as_ptr(), tensor, root, millis(timeout), &mut out, err) })?;
         RawWork::from_out(out)
     }
 
@@ -428,26 +323,11 @@ impl RawGroup {
     ///
     /// # Safety
     /// All pointers must be live tch tensors for the duration of the call.
-    pub(crate) unsafe fn all_gather(
-        &self,
-        outputs: &[*mut c_void],
-        input: *mut c_void,
-        timeout: Duration,
-    ) -> Result<RawWork, String> {
+    pub(crate) unsafe fn all_gather(&self, outputs: &[*mut c_void], input: *mut c_void, timeout: Duration) -> Result<RawWork, String> {
         let mut out = std::ptr::null_mut();
         // SAFETY: live group handle; the pointer array is valid for outputs.len() entries and
         // every entry and `input` are live tensors per this function's contract.
-        call(|err| unsafe {
-            sf_pg_allgather(
-                self.0.as_ptr(),
-                outputs.as_ptr(),
-                outputs.len(),
-                input,
-                millis(timeout),
-                &mut out,
-                err,
-            )
-        })?;
+        call(|err| unsafe { sf_pg_allgather(self.0.as_ptr(), outputs.as_ptr(), outputs.len(), input, millis(timeout), &mut out, err) })?;
         RawWork::from_out(out)
     }
 
@@ -492,9 +372,7 @@ unsafe impl Send for RawWork {}
 
 impl RawWork {
     fn from_out(out: *mut SfWork) -> Result<Self, String> {
-        NonNull::new(out)
-            .map(RawWork)
-            .ok_or_else(|| "c10d returned no work".to_string())
+        NonNull::new(out).map(RawWork).ok_or_else(|| "c10d returned no work".to_string())
     }
 
     /// Waits at most `timeout` for the operation; its failure or the timeout is the error.

@@ -67,11 +67,7 @@ fn install_handlers() -> Result<(), DistError> {
             libc::sigaction(sig, &sa, std::ptr::null_mut())
         };
         if rc != 0 {
-            return Err(DistError::Launch(format!(
-                "installing the handler for {}: {}",
-                signal_name(sig),
-                std::io::Error::last_os_error()
-            )));
+            return Err(DistError::Launch(format!("installing the handler for {}: {}", signal_name(sig), std::io::Error::last_os_error())));
         }
     }
     Ok(())
@@ -104,10 +100,7 @@ struct Rank {
 
 impl Rank {
     fn describe(&self, node: usize) -> String {
-        format!(
-            "rank {} (local rank {} on node {node}, pid {})",
-            self.rank, self.local_rank, self.pid
-        )
+        format!("rank {} (local rank {} on node {node}, pid {})", self.rank, self.local_rank, self.pid)
     }
 }
 
@@ -118,14 +111,7 @@ pub fn run(opts: &LaunchOptions) -> Result<(), DistError> {
     // Node 0 hosts the store for the whole job (torchrun's agent store): it outlives any rank,
     // so a surviving rank can still read the heartbeats that tell which rank died.
     let _store = if opts.agent_store && opts.node_rank == 0 {
-        let store = RawStore::tcp(
-            &opts.master_addr,
-            opts.master_port,
-            true,
-            0,
-            Duration::from_secs(60),
-        )
-        .map_err(|m| {
+        let store = RawStore::tcp(&opts.master_addr, opts.master_port, true, 0, Duration::from_secs(60)).map_err(|m| {
             DistError::Launch(format!(
                 "cannot host the rendezvous store on port {}: {m} (is the port in use? pick \
                  another with --master-port)",
@@ -164,10 +150,7 @@ pub fn run(opts: &LaunchOptions) -> Result<(), DistError> {
             .env("TORCHELASTIC_RESTART_COUNT", "0")
             .env("TORCHELASTIC_MAX_RESTARTS", "0")
             .env("TORCHELASTIC_RUN_ID", "specforge")
-            .env(
-                "TORCHELASTIC_USE_AGENT_STORE",
-                if opts.agent_store { "True" } else { "False" },
-            )
+            .env("TORCHELASTIC_USE_AGENT_STORE", if opts.agent_store { "True" } else { "False" })
             .stdin(Stdio::null())
             .process_group(0);
         if let Some(n) = omp {
@@ -201,10 +184,7 @@ pub fn run(opts: &LaunchOptions) -> Result<(), DistError> {
                     // SAFETY: reaping our own child; status is a valid out pointer.
                     unsafe { libc::waitpid(pid, &mut status, 0) };
                 }
-                return Err(DistError::Launch(format!(
-                    "starting rank {rank} ({}): {e}",
-                    opts.program.display()
-                )));
+                return Err(DistError::Launch(format!("starting rank {rank} ({}): {e}", opts.program.display())));
             }
         };
         let pid = child.id() as libc::pid_t;
@@ -217,20 +197,9 @@ pub fn run(opts: &LaunchOptions) -> Result<(), DistError> {
         // The child is reaped below with waitpid (to see stops as well); std's handle is
         // dropped without waiting, which neither kills nor reaps it.
         drop(child);
-        ranks.push(Rank {
-            rank,
-            local_rank,
-            pid,
-            exit: None,
-            stopped: None,
-        });
+        ranks.push(Rank { rank, local_rank, pid, exit: None, stopped: None });
     }
-    tracing::debug!(
-        world,
-        node = opts.node_rank,
-        "launched {} ranks",
-        ranks.len()
-    );
+    tracing::debug!(world, node = opts.node_rank, "launched {} ranks", ranks.len());
 
     let outcome = supervise(&mut ranks, opts);
 
@@ -250,18 +219,13 @@ pub fn run(opts: &LaunchOptions) -> Result<(), DistError> {
 
 fn validate(opts: &LaunchOptions) -> Result<(), DistError> {
     if opts.nproc_per_node == 0 {
-        return Err(DistError::Launch(
-            "--nproc-per-node must be at least 1".into(),
-        ));
+        return Err(DistError::Launch("--nproc-per-node must be at least 1".into()));
     }
     if opts.nnodes == 0 {
         return Err(DistError::Launch("--nnodes must be at least 1".into()));
     }
     if opts.node_rank >= opts.nnodes {
-        return Err(DistError::Launch(format!(
-            "--node-rank {} must be below --nnodes {}",
-            opts.node_rank, opts.nnodes
-        )));
+        return Err(DistError::Launch(format!("--node-rank {} must be below --nnodes {}", opts.node_rank, opts.nnodes)));
     }
     if opts.master_port == 0 {
         return Err(DistError::Launch("--master-port must be 1-65535".into()));
@@ -287,10 +251,7 @@ fn supervise(ranks: &mut [Rank], opts: &LaunchOptions) -> Result<(), DistError> 
         if sig != 0 {
             match stopping {
                 None => {
-                    tracing::warn!(
-                        "launch: got {}, forwarding it to the ranks",
-                        signal_name(sig)
-                    );
+                    tracing::warn!("launch: got {}, forwarding it to the ranks", signal_name(sig));
                     for r in ranks.iter().filter(|r| r.exit.is_none()) {
                         signal_rank(r.pid, sig);
                         signal_rank(r.pid, libc::SIGCONT);
@@ -313,13 +274,7 @@ fn supervise(ranks: &mut [Rank], opts: &LaunchOptions) -> Result<(), DistError> 
             }
             let mut status: libc::c_int = 0;
             // SAFETY: polling our own child; status is a valid out pointer.
-            let rc = unsafe {
-                libc::waitpid(
-                    ranks[i].pid,
-                    &mut status,
-                    libc::WNOHANG | libc::WUNTRACED | libc::WCONTINUED,
-                )
-            };
+            let rc = unsafe { libc::waitpid(ranks[i].pid, &mut status, libc::WNOHANG | libc::WUNTRACED | libc::WCONTINUED) };
             if rc == 0 {
                 continue;
             }
@@ -328,11 +283,7 @@ fn supervise(ranks: &mut [Rank], opts: &LaunchOptions) -> Result<(), DistError> 
                 ranks[i].exit = Some(Exit::Code(-1));
             } else if libc::WIFSTOPPED(status) {
                 let s = libc::WSTOPSIG(status);
-                tracing::warn!(
-                    "launch: {} was stopped by {} and is not running",
-                    ranks[i].describe(node),
-                    signal_name(s)
-                );
+                tracing::warn!("launch: {} was stopped by {} and is not running", ranks[i].describe(node), signal_name(s));
                 ranks[i].stopped = Some((Instant::now(), s));
                 continue;
             } else if libc::WIFCONTINUED(status) {
@@ -352,15 +303,9 @@ fn supervise(ranks: &mut [Rank], opts: &LaunchOptions) -> Result<(), DistError> 
             }
             match &stopping {
                 None => {
-                    let frozen: Vec<(usize, Duration, i32)> = ranks
-                        .iter()
-                        .enumerate()
-                        .filter_map(|(j, r)| r.stopped.map(|(t, s)| (j, t.elapsed(), s)))
-                        .collect();
-                    tracing::error!(
-                        "launch: {} {exit}; stopping the other ranks",
-                        ranks[i].describe(node)
-                    );
+                    let frozen: Vec<(usize, Duration, i32)> =
+                        ranks.iter().enumerate().filter_map(|(j, r)| r.stopped.map(|(t, s)| (j, t.elapsed(), s))).collect();
+                    tracing::error!("launch: {} {exit}; stopping the other ranks", ranks[i].describe(node));
                     for r in ranks.iter().filter(|r| r.exit.is_none()) {
                         signal_rank(r.pid, libc::SIGTERM);
                         // A stopped process only acts on SIGTERM once it runs again.
@@ -400,18 +345,12 @@ fn supervise(ranks: &mut [Rank], opts: &LaunchOptions) -> Result<(), DistError> 
 
     match stopping {
         None => Ok(()),
-        Some((Stopping::Signal(sig), _)) => Err(DistError::Launch(format!(
-            "interrupted by {}; forwarded to the ranks, which have ended",
-            signal_name(sig)
-        ))),
+        Some((Stopping::Signal(sig), _)) => {
+            Err(DistError::Launch(format!("interrupted by {}; forwarded to the ranks, which have ended", signal_name(sig))))
+        }
         Some((Stopping::Failure(i, frozen), _)) => {
             let r = &ranks[i];
-            let mut msg = format!(
-                "{} {}",
-                r.describe(node),
-                r.exit
-                    .map_or_else(|| "failed".to_string(), |e| e.to_string())
-            );
+            let mut msg = format!("{} {}", r.describe(node), r.exit.map_or_else(|| "failed".to_string(), |e| e.to_string()));
             for (j, for_how_long, s) in frozen {
                 msg.push_str(&format!(
                     "; {} had been stopped by {} for {:.1} s (not running: it is the likely \
@@ -424,10 +363,7 @@ fn supervise(ranks: &mut [Rank], opts: &LaunchOptions) -> Result<(), DistError> 
             if !later_failures.is_empty() {
                 msg.push_str(&format!("; also {}", later_failures.join(", ")));
             }
-            msg.push_str(&format!(
-                "; the other ranks were stopped (SIGTERM, SIGKILL after {:.0} s)",
-                opts.grace.as_secs_f64()
-            ));
+            msg.push_str(&format!("; the other ranks were stopped (SIGTERM, SIGKILL after {:.0} s)", opts.grace.as_secs_f64()));
             if opts.nnodes > 1 {
                 msg.push_str("; ranks on other nodes are stopped by their own launchers once their collectives fail");
             }
@@ -463,14 +399,10 @@ fn pump(src: impl Read + Send + 'static, rank: usize, stderr: bool) -> JoinHandl
                     // Whole lines under the lock, so ranks never interleave within a line.
                     let _ = if stderr {
                         let mut o = std::io::stderr().lock();
-                        o.write_all(prefix.as_bytes())
-                            .and_then(|_| o.write_all(&line))
-                            .and_then(|_| o.flush())
+                        o.write_all(prefix.as_bytes()).and_then(|_| o.write_all(&line)).and_then(|_| o.flush())
                     } else {
                         let mut o = std::io::stdout().lock();
-                        o.write_all(prefix.as_bytes())
-                            .and_then(|_| o.write_all(&line))
-                            .and_then(|_| o.flush())
+                        o.write_all(prefix.as_bytes()).and_then(|_| o.write_all(&line)).and_then(|_| o.flush())
                     };
                 }
             }

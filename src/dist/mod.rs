@@ -10,6 +10,7 @@
 //!
 //! docs/distributed.md is the user guide (torchrun, SLURM, multi-node, diagnosing hangs).
 
+mod ddp;
 mod env;
 mod ffi;
 pub mod launch;
@@ -17,6 +18,7 @@ mod process_group;
 
 use std::time::Duration;
 
+pub use ddp::{collective_from_env, Collective, DdpGroup, SingleProcess};
 pub use env::{first_host, DistEnv, EnvSource, StoreMode, DEFAULT_PORT};
 pub use process_group::{Backend, BackendChoice, GroupOptions, ProcessGroup, ReduceOp, Work};
 
@@ -124,12 +126,6 @@ impl DistError {
 
     /// Whether the error is a timeout of a collective.
     pub fn is_timeout(&self) -> bool {
-        matches!(
-            self,
-            DistError::Collective {
-                timed_out: true,
-                ..
-            }
-        )
+        matches!(self, DistError::Collective { timed_out: true, .. })
     }
 }

@@ -98,12 +98,7 @@ pub struct GroupOptions {
 impl GroupOptions {
     /// Defaults with the given rendezvous / default operation timeout.
     pub fn with_timeout(timeout: Duration) -> Self {
-        GroupOptions {
-            timeout,
-            backend: BackendChoice::Auto,
-            gloo_threads: 2,
-            heartbeat: true,
-        }
+        GroupOptions { timeout, backend: BackendChoice::Auto, gloo_threads: 2, heartbeat: true }
     }
 }
 
@@ -152,10 +147,7 @@ impl ProcessGroup {
 
     /// A one-process group: collectives are identities (all_gather copies), nothing is opened.
     pub fn single() -> Self {
-        ProcessGroup {
-            env: DistEnv::single(),
-            inner: None,
-        }
+        ProcessGroup { env: DistEnv::single(), inner: None }
     }
 
     /// Joins the group described by `env`.
@@ -165,10 +157,7 @@ impl ProcessGroup {
         }
         let seq = GROUP_SEQ.fetch_add(1, Ordering::SeqCst);
         let shared = Shared::connect(&env, opts, seq)?;
-        Ok(ProcessGroup {
-            env,
-            inner: Some(shared),
-        })
+        Ok(ProcessGroup { env, inner: Some(shared) })
     }
 
     /// This process's rank.
@@ -198,10 +187,7 @@ impl ProcessGroup {
 
     /// The CUDA device NCCL operations expect tensors on, when the group has an NCCL backend.
     pub fn cuda_device(&self) -> Option<Device> {
-        self.inner
-            .as_ref()
-            .and_then(|s| s.nccl.as_ref())
-            .map(|(_, d)| Device::Cuda(*d))
+        self.inner.as_ref().and_then(|s| s.nccl.as_ref()).map(|(_, d)| Device::Cuda(*d))
     }
 
     /// The backend that would carry an operation on `t`.
@@ -214,35 +200,18 @@ impl ProcessGroup {
     }
 
     /// All-reduces `t` in place across ranks, waiting at most about `timeout`.
-    pub fn all_reduce(
-        &self,
-        t: &mut Tensor,
-        op: ReduceOp,
-        timeout: Duration,
-    ) -> Result<(), DistError> {
-        self.all_reduce_async(t, op, timeout)?
-            .wait(timeout + WAIT_GRACE)
+    pub fn all_reduce(&self, t: &mut Tensor, op: ReduceOp, timeout: Duration) -> Result<(), DistError> {
+        self.all_reduce_async(t, op, timeout)?.wait(timeout + WAIT_GRACE)
     }
 
     /// Starts an in-place all-reduce and returns without waiting; complete it with
     /// [`Work::wait`]. Several may be in flight (e.g. gradient buckets); the tensor must not be
     /// read or written until then. `timeout` is the operation's own timeout in the backend.
-    pub fn all_reduce_async(
-        &self,
-        t: &mut Tensor,
-        op: ReduceOp,
-        timeout: Duration,
-    ) -> Result<Work<'_>, DistError> {
+    pub fn all_reduce_async(&self, t: &mut Tensor, op: ReduceOp, timeout: Duration) -> Result<Work<'_>, DistError> {
         let name = "all_reduce";
         self.check_tensor(name, t)?;
         if op == ReduceOp::Avg && !is_float(t.kind()) {
-            return Err(self.tensor_err(
-                name,
-                format!(
-                    "ReduceOp::Avg needs a floating-point tensor, got {:?}",
-                    t.kind()
-                ),
-            ));
+            return Err(self.tensor_err(name, format!("ReduceOp::Avg needs a floating-point tensor, got {:?}", t.kind())));
         }
         let Some(shared) = &self.inner else {
             return Ok(Work::done(self, name));
@@ -262,46 +231,21 @@ impl ProcessGroup {
         let started = Instant::now();
         // SAFETY: `t` is a live tensor borrowed for this call; the backend takes its own
         // reference to the tensor before returning.
-        let raw = unsafe { group.all_reduce(t.as_mut_ptr().cast(), raw_op, timeout) }
-            .map_err(|m| self.fail(name, started, timeout, m))?;
-        Ok(Work {
-            pg: self,
-            raw: Some(raw),
-            op: name,
-            started,
-            op_timeout: timeout,
-            divide: divide.map(|d| (t.shallow_clone(), d)),
-        })
+        let raw = unsafe { group.all_reduce(t.as_mut_ptr().cast(), raw_op, timeout) }.map_err(|m| self.fail(name, started, timeout, m))?;
+        Ok(Work { pg: self, raw: Some(raw), op: name, started, op_timeout: timeout, divide: divide.map(|d| (t.shallow_clone(), d)) })
     }
 
     /// Copies `t` from rank `root` to every rank, in place, waiting at most about `timeout`.
-    pub fn broadcast(
-        &self,
-        t: &mut Tensor,
-        root: usize,
-        timeout: Duration,
-    ) -> Result<(), DistError> {
-        self.broadcast_async(t, root, timeout)?
-            .wait(timeout + WAIT_GRACE)
+    pub fn broadcast(&self, t: &mut Tensor, root: usize, timeout: Duration) -> Result<(), DistError> {
+        self.broadcast_async(t, root, timeout)?.wait(timeout + WAIT_GRACE)
     }
 
     /// Starts an in-place broadcast from `root`; see [`ProcessGroup::all_reduce_async`].
-    pub fn broadcast_async(
-        &self,
-        t: &mut Tensor,
-        root: usize,
-        timeout: Duration,
-    ) -> Result<Work<'_>, DistError> {
+    pub fn broadcast_async(&self, t: &mut Tensor, root: usize, timeout: Duration) -> Result<Work<'_>, DistError> {
         let name = "broadcast";
         self.check_tensor(name, t)?;
         if root >= self.env.world_size {
-            return Err(self.tensor_err(
-                name,
-                format!(
-                    "root {root} is not a rank (world size {})",
-                    self.env.world_size
-                ),
-            ));
+            return Err(self.tensor_err(name, format!("root {root} is not a rank (world size {})", self.env.world_size)));
         }
         let Some(shared) = &self.inner else {
             return Ok(Work::done(self, name));
@@ -310,8 +254,7 @@ impl ProcessGroup {
         let (group, _) = self.group_for(name, t)?;
         let started = Instant::now();
         // SAFETY: `t` is a live tensor for this call; the backend keeps its own reference.
-        let raw = unsafe { group.broadcast(t.as_mut_ptr().cast(), root, timeout) }
-            .map_err(|m| self.fail(name, started, timeout, m))?;
+        let raw = unsafe { group.broadcast(t.as_mut_ptr().cast(), root, timeout) }.map_err(|m| self.fail(name, started, timeout, m))?;
         Ok(Work::pending(self, name, raw, started, timeout))
     }
 
@@ -326,13 +269,12 @@ impl ProcessGroup {
         shared.usable(self.env.rank)?;
         let (group, _) = self.group_for(name, t)?;
         let mut outputs: Vec<Tensor> = (0..self.env.world_size).map(|_| t.empty_like()).collect();
-        let ptrs: Vec<*mut std::ffi::c_void> =
-            outputs.iter_mut().map(|o| o.as_mut_ptr().cast()).collect();
+        let ptrs: Vec<*mut std::ffi::c_void> = outputs.iter_mut().map(|o| o.as_mut_ptr().cast()).collect();
         let started = Instant::now();
         // SAFETY: `outputs` and `t` are live tensors for the whole call; the backend keeps its
         // own references. The input handle is only read (shallow-copied) by the shim.
-        let raw = unsafe { group.all_gather(&ptrs, t.as_ptr().cast_mut().cast(), timeout) }
-            .map_err(|m| self.fail(name, started, timeout, m))?;
+        let raw =
+            unsafe { group.all_gather(&ptrs, t.as_ptr().cast_mut().cast(), timeout) }.map_err(|m| self.fail(name, started, timeout, m))?;
         Work::pending(self, name, raw, started, timeout).wait(timeout + WAIT_GRACE)?;
         Ok(outputs)
     }
@@ -346,10 +288,7 @@ impl ProcessGroup {
         };
         shared.usable(self.env.rank)?;
         let started = Instant::now();
-        let raw = shared
-            .gloo
-            .barrier(timeout)
-            .map_err(|m| self.fail(name, started, timeout, m))?;
+        let raw = shared.gloo.barrier(timeout).map_err(|m| self.fail(name, started, timeout, m))?;
         Work::pending(self, name, raw, started, timeout).wait(timeout + WAIT_GRACE)
     }
 
@@ -358,15 +297,12 @@ impl ProcessGroup {
         let Some(shared) = &self.inner else {
             return Err(self.tensor_err("store_set", "a single-process group has no store".into()));
         };
-        shared
-            .store
-            .set(&format!("user/{key}"), value)
-            .map_err(|message| DistError::Store {
-                rank: self.env.rank,
-                op: "set",
-                key: key.to_string(),
-                message,
-            })
+        shared.store.set(&format!("user/{key}"), value).map_err(|message| DistError::Store {
+            rank: self.env.rank,
+            op: "set",
+            key: key.to_string(),
+            message,
+        })
     }
 
     /// Reads `key`, waiting until some rank set it (at most the group's rendezvous timeout).
@@ -374,22 +310,17 @@ impl ProcessGroup {
         let Some(shared) = &self.inner else {
             return Err(self.tensor_err("store_get", "a single-process group has no store".into()));
         };
-        shared
-            .store
-            .get(&format!("user/{key}"))
-            .map_err(|message| DistError::Store {
-                rank: self.env.rank,
-                op: "get",
-                key: key.to_string(),
-                message,
-            })
+        shared.store.get(&format!("user/{key}")).map_err(|message| DistError::Store {
+            rank: self.env.rank,
+            op: "get",
+            key: key.to_string(),
+            message,
+        })
     }
 
     /// Whether an earlier operation failed (the group then refuses further operations).
     pub fn failure(&self) -> Option<String> {
-        self.inner
-            .as_ref()
-            .and_then(|s| s.failed.lock().unwrap_or_else(|e| e.into_inner()).clone())
+        self.inner.as_ref().and_then(|s| s.failed.lock().unwrap_or_else(|e| e.into_inner()).clone())
     }
 
     fn check_tensor(&self, op: &'static str, t: &Tensor) -> Result<(), DistError> {
@@ -397,13 +328,7 @@ impl ProcessGroup {
             return Err(self.tensor_err(op, "undefined tensor".into()));
         }
         if !t.is_contiguous() {
-            return Err(self.tensor_err(
-                op,
-                format!(
-                    "tensor of shape {:?} is not contiguous (call .contiguous())",
-                    t.size()
-                ),
-            ));
+            return Err(self.tensor_err(op, format!("tensor of shape {:?} is not contiguous (call .contiguous())", t.size())));
         }
         Ok(())
     }
@@ -416,10 +341,7 @@ impl ProcessGroup {
             Device::Cpu => Ok((&shared.gloo, Backend::Gloo)),
             Device::Cuda(i) => match &shared.nccl {
                 Some((g, dev)) if *dev == i => Ok((g, Backend::Nccl)),
-                Some((_, dev)) => Err(self.tensor_err(
-                    op,
-                    format!("tensor is on cuda:{i}, this rank's NCCL group uses cuda:{dev}"),
-                )),
+                Some((_, dev)) => Err(self.tensor_err(op, format!("tensor is on cuda:{i}, this rank's NCCL group uses cuda:{dev}"))),
                 None => Err(self.tensor_err(
                     op,
                     if cfg!(feature = "nccl") {
@@ -434,25 +356,14 @@ impl ProcessGroup {
     }
 
     fn tensor_err(&self, op: &'static str, problem: String) -> DistError {
-        DistError::Invalid {
-            rank: self.env.rank,
-            op,
-            problem,
-        }
+        DistError::Invalid { rank: self.env.rank, op, problem }
     }
 
     /// Records the failure, diagnoses which peers stopped, and builds the error.
-    fn fail(
-        &self,
-        op: &'static str,
-        started: Instant,
-        timeout: Duration,
-        message: String,
-    ) -> DistError {
+    fn fail(&self, op: &'static str, started: Instant, timeout: Duration, message: String) -> DistError {
         let elapsed = started.elapsed();
         let lower = message.to_lowercase();
-        let timed_out =
-            elapsed >= timeout || lower.contains("timed out") || lower.contains("timeout");
+        let timed_out = elapsed >= timeout || lower.contains("timed out") || lower.contains("timeout");
         let diagnosis = match &self.inner {
             Some(shared) => {
                 {
@@ -465,15 +376,7 @@ impl ProcessGroup {
             }
             None => String::new(),
         };
-        DistError::Collective {
-            rank: self.env.rank,
-            world_size: self.env.world_size,
-            op,
-            elapsed,
-            timed_out,
-            message,
-            diagnosis,
-        }
+        DistError::Collective { rank: self.env.rank, world_size: self.env.world_size, op, elapsed, timed_out, message, diagnosis }
     }
 }
 
@@ -496,31 +399,11 @@ pub struct Work<'a> {
 
 impl<'a> Work<'a> {
     fn done(pg: &'a ProcessGroup, op: &'static str) -> Self {
-        Work {
-            pg,
-            raw: None,
-            op,
-            started: Instant::now(),
-            op_timeout: Duration::ZERO,
-            divide: None,
-        }
+        Work { pg, raw: None, op, started: Instant::now(), op_timeout: Duration::ZERO, divide: None }
     }
 
-    fn pending(
-        pg: &'a ProcessGroup,
-        op: &'static str,
-        raw: RawWork,
-        started: Instant,
-        op_timeout: Duration,
-    ) -> Self {
-        Work {
-            pg,
-            raw: Some(raw),
-            op,
-            started,
-            op_timeout,
-            divide: None,
-        }
+    fn pending(pg: &'a ProcessGroup, op: &'static str, raw: RawWork, started: Instant, op_timeout: Duration) -> Self {
+        Work { pg, raw: Some(raw), op, started, op_timeout, divide: None }
     }
 
     /// Waits at most `timeout` (from now) for the operation. Its failure, or the timeout, is
@@ -529,10 +412,7 @@ impl<'a> Work<'a> {
         let Some(raw) = self.raw.take() else {
             return Ok(());
         };
-        raw.wait(timeout).map_err(|m| {
-            self.pg
-                .fail(self.op, self.started, self.op_timeout.min(timeout), m)
-        })?;
+        raw.wait(timeout).map_err(|m| self.pg.fail(self.op, self.started, self.op_timeout.min(timeout), m))?;
         if let Some((mut t, d)) = self.divide.take() {
             let _ = tch::no_grad(|| t.f_div_scalar_(d)).map_err(|e| DistError::Invalid {
                 rank: self.pg.env.rank,
@@ -548,11 +428,7 @@ impl Shared {
     fn connect(env: &DistEnv, opts: &GroupOptions, seq: usize) -> Result<Self, DistError> {
         let rank = env.rank;
         let addr = format!("{}:{}", env.master_addr, env.master_port);
-        let rdzv = |message: String| DistError::Rendezvous {
-            rank,
-            addr: addr.clone(),
-            message,
-        };
+        let rdzv = |message: String| DistError::Rendezvous { rank, addr: addr.clone(), message };
         let (base, store_host) = match &env.store {
             StoreMode::RankZeroHosts => {
                 let is_server = rank == 0;
@@ -569,25 +445,16 @@ impl Shared {
                 (base, "rank 0".to_string())
             }
             StoreMode::Agent { prefix } => {
-                let client =
-                    RawStore::tcp(&env.master_addr, env.master_port, false, 0, opts.timeout)
-                        .map_err(|m| rdzv(store_hint(m, false, env)))?;
+                let client = RawStore::tcp(&env.master_addr, env.master_port, false, 0, opts.timeout)
+                    .map_err(|m| rdzv(store_hint(m, false, env)))?;
                 let base = client.prefixed(prefix).map_err(&rdzv)?;
                 (base, "the launcher (agent store)".to_string())
             }
         };
-        let store = base
-            .prefixed(&format!("specforge/pg{seq}"))
-            .map_err(&rdzv)?;
+        let store = base.prefixed(&format!("specforge/pg{seq}")).map_err(&rdzv)?;
         let gloo_store = store.prefixed("gloo").map_err(&rdzv)?;
-        let ifnames = std::env::var("GLOO_SOCKET_IFNAME")
-            .ok()
-            .filter(|s| !s.trim().is_empty());
-        let hostname = if ifnames.is_some() {
-            None
-        } else {
-            gloo_address(&env.master_addr, env.master_port)
-        };
+        let ifnames = std::env::var("GLOO_SOCKET_IFNAME").ok().filter(|s| !s.trim().is_empty());
+        let hostname = if ifnames.is_some() { None } else { gloo_address(&env.master_addr, env.master_port) };
         let gloo = RawGroup::gloo(
             &gloo_store,
             rank,
@@ -626,11 +493,7 @@ impl Shared {
     }
 
     #[cfg(feature = "nccl")]
-    fn maybe_nccl(
-        env: &DistEnv,
-        opts: &GroupOptions,
-        store: &RawStore,
-    ) -> Result<Option<(RawGroup, usize)>, String> {
+    fn maybe_nccl(env: &DistEnv, opts: &GroupOptions, store: &RawStore) -> Result<Option<(RawGroup, usize)>, String> {
         let required = opts.backend == BackendChoice::RequireNccl;
         if opts.backend == BackendChoice::GlooOnly || (!required && !tch::Cuda::is_available()) {
             return Ok(None);
@@ -640,10 +503,7 @@ impl Shared {
         // only visible device is 0. With no GPU at all (RequireNccl) c10d reports it itself.
         let device = if count <= 1 { 0 } else { env.local_rank };
         if count > 1 && device >= count {
-            return Err(format!(
-                "local rank {} has no GPU: {count} visible (one GPU per local rank)",
-                env.local_rank
-            ));
+            return Err(format!("local rank {} has no GPU: {count} visible (one GPU per local rank)", env.local_rank));
         }
         let nccl_store = store.prefixed("nccl")?;
         let g = RawGroup::nccl(&nccl_store, env.rank, env.world_size, opts.timeout, device)
@@ -652,25 +512,16 @@ impl Shared {
     }
 
     #[cfg(not(feature = "nccl"))]
-    fn maybe_nccl(
-        _env: &DistEnv,
-        opts: &GroupOptions,
-        _store: &RawStore,
-    ) -> Result<Option<(RawGroup, usize)>, String> {
+    fn maybe_nccl(_env: &DistEnv, opts: &GroupOptions, _store: &RawStore) -> Result<Option<(RawGroup, usize)>, String> {
         if opts.backend == BackendChoice::RequireNccl {
-            return Err(
-                "NCCL required, but this binary was built without the `nccl` feature".into(),
-            );
+            return Err("NCCL required, but this binary was built without the `nccl` feature".into());
         }
         Ok(None)
     }
 
     fn usable(&self, rank: usize) -> Result<(), DistError> {
         match &*self.failed.lock().unwrap_or_else(|e| e.into_inner()) {
-            Some(first) => Err(DistError::Failed {
-                rank,
-                first: first.clone(),
-            }),
+            Some(first) => Err(DistError::Failed { rank, first: first.clone() }),
             None => Ok(()),
         }
     }
@@ -682,20 +533,15 @@ impl Shared {
         let (tx, rx) = std::sync::mpsc::channel();
         // A thread, because a frozen store host can block a store call for its whole timeout;
         // if it does, the thread is left behind (the process is about to report and exit).
-        let spawned = std::thread::Builder::new()
-            .name("dist-diagnose".into())
-            .spawn(move || {
-                let _ = tx.send(read_heartbeats(&store, world, rank));
-            });
+        let spawned = std::thread::Builder::new().name("dist-diagnose".into()).spawn(move || {
+            let _ = tx.send(read_heartbeats(&store, world, rank));
+        });
         if spawned.is_err() {
             return "could not start the heartbeat diagnosis".into();
         }
         match rx.recv_timeout(DIAGNOSIS_DEADLINE) {
             Ok(Ok(text)) => text,
-            Ok(Err(e)) => format!(
-                "the store at {} did not answer ({e}): {} is likely dead or stopped",
-                self.store_desc, self.store_host
-            ),
+            Ok(Err(e)) => format!("the store at {} did not answer ({e}): {} is likely dead or stopped", self.store_desc, self.store_host),
             Err(_) => format!(
                 "the store at {} did not answer within {:.0} s: {} is likely dead or stopped",
                 self.store_desc,
@@ -775,9 +621,7 @@ impl Heartbeat {
                     }
                 }
                 let guard = lock.lock().unwrap_or_else(|e| e.into_inner());
-                let (guard, _) = cv
-                    .wait_timeout_while(guard, HEARTBEAT_EVERY, |stopped| !*stopped)
-                    .unwrap_or_else(|e| e.into_inner());
+                let (guard, _) = cv.wait_timeout_while(guard, HEARTBEAT_EVERY, |stopped| !*stopped).unwrap_or_else(|e| e.into_inner());
                 if *guard {
                     return;
                 }
@@ -825,12 +669,7 @@ fn read_heartbeats(store: &RawStore, world: usize, me: usize) -> Result<String, 
             (None, Some(_)) | (Some(_), Some(_)) => {}
         }
     }
-    let list = |v: &[usize]| {
-        v.iter()
-            .map(|r| r.to_string())
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
+    let list = |v: &[usize]| v.iter().map(|r| r.to_string()).collect::<Vec<_>>().join(", ");
     let mut parts = Vec::new();
     if !silent.is_empty() {
         parts.push(format!(
@@ -841,11 +680,7 @@ fn read_heartbeats(store: &RawStore, world: usize, me: usize) -> Result<String, 
         ));
     }
     if !never.is_empty() {
-        parts.push(format!(
-            "rank{} {} never joined the group",
-            if never.len() > 1 { "s" } else { "" },
-            list(&never)
-        ));
+        parts.push(format!("rank{} {} never joined the group", if never.len() > 1 { "s" } else { "" }, list(&never)));
     }
     if parts.is_empty() {
         parts.push(
@@ -885,11 +720,7 @@ fn gloo_address(master_addr: &str, port: u16) -> Option<String> {
     if target.ip().is_loopback() {
         return Some("127.0.0.1".into());
     }
-    let bind = if target.is_ipv4() {
-        "0.0.0.0:0"
-    } else {
-        "[::]:0"
-    };
+    let bind = if target.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" };
     let sock = UdpSocket::bind(bind).ok()?;
     sock.connect(target).ok()?;
     let local = sock.local_addr().ok()?.ip();

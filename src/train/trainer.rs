@@ -14,6 +14,7 @@ use super::checkpoint::{self, TrainState};
 use super::optim::{clip_grad_norm, lr_at, AdamW, AdamWConfig};
 use super::ttt::{ttt_forward, StepCounts, TttBatch};
 use crate::config::recipe::TrainSection;
+use crate::dist::Collective;
 use crate::draft::Eagle3Draft;
 use crate::error::{Error, Result};
 use crate::target::head::TargetHead;
@@ -56,36 +57,6 @@ pub trait MicroBatches {
     fn len(&self, epoch: u64) -> Result<u64>;
     /// The micro-batches of `epoch` from index `start` on, in order.
     fn iter_from(&self, epoch: u64, start: u64) -> Result<Box<dyn Iterator<Item = Result<TrainBatch>> + '_>>;
-}
-
-/// The collective operations the trainer needs; one process is the trivial case.
-pub trait Collective {
-    /// This process's rank.
-    fn rank(&self) -> usize;
-    /// Number of processes.
-    fn world_size(&self) -> usize;
-    /// Sums every tensor in place across ranks.
-    fn all_reduce_sum(&self, tensors: &mut [Tensor]) -> Result<()>;
-    /// Copies rank `root`'s tensors into every rank's.
-    fn broadcast(&self, tensors: &mut [Tensor], root: usize) -> Result<()>;
-}
-
-/// A single process: collectives are identities.
-pub struct SingleProcess;
-
-impl Collective for SingleProcess {
-    fn rank(&self) -> usize {
-        0
-    }
-    fn world_size(&self) -> usize {
-        1
-    }
-    fn all_reduce_sum(&self, _: &mut [Tensor]) -> Result<()> {
-        Ok(())
-    }
-    fn broadcast(&self, _: &mut [Tensor], _: usize) -> Result<()> {
-        Ok(())
-    }
 }
 
 /// One line of `metrics.jsonl` (one optimizer step, reduced over ranks).
