@@ -7,8 +7,8 @@
 //! killed by a signal) stops the others (SIGTERM, SIGKILL after a grace period) and returns an
 //! error naming the failed rank and how it failed.
 //!
-//! Rank 0 inherits stdin-less stdout/stderr unchanged (progress bars keep their terminal); the
-//! other ranks' lines are prefixed `[rank r] `. Each rank runs in its own process group (so a
+//! Rank 0's stdout/stderr are the launcher's own (progress bars keep their terminal); the other
+//! ranks' lines are prefixed `[rank r] `. Every rank's stdin is /dev/null. Each rank runs in its own process group (so a
 //! signal reaches the programs it starts too) and dies with the launcher (PR_SET_PDEATHSIG).
 
 use std::ffi::OsString;
