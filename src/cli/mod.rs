@@ -1,6 +1,11 @@
 //! The command line: one subcommand per pipeline stage.
 
+mod data_args;
+mod extract;
 mod generate;
+mod import;
+mod regenerate;
+mod vocab;
 
 use clap::{Parser, Subcommand};
 
@@ -19,6 +24,14 @@ pub struct Cli {
 enum Command {
     /// Answer prompts with the target (greedy or sampled), batched with the KV cache.
     Generate(generate::GenerateArgs),
+    /// The target writes the assistant turns of a dataset itself (on-policy data); resumable.
+    Regenerate(regenerate::RegenerateArgs),
+    /// Join answers generated elsewhere (OpenAI-format JSONL, e.g. vLLM) with their prompts.
+    Import(import::ImportArgs),
+    /// Draft vocabulary (d2t / t2d) from loss-masked token frequencies.
+    Vocab(vocab::VocabArgs),
+    /// Frozen target forward over a dataset: aux + final hidden states into feature shards.
+    Extract(extract::ExtractArgs),
 }
 
 /// Parses the command line and runs it.
@@ -27,5 +40,9 @@ pub fn main() -> anyhow::Result<()> {
     crate::util::logging::init(cli.verbose);
     match cli.command {
         Command::Generate(a) => generate::run(a),
+        Command::Regenerate(a) => regenerate::run(a),
+        Command::Import(a) => import::run(a),
+        Command::Vocab(a) => vocab::run(a),
+        Command::Extract(a) => extract::run(a),
     }
 }

@@ -2,6 +2,7 @@
 //! report.
 
 pub mod dataset;
+pub mod import;
 pub mod template;
 pub mod tokenizer;
 

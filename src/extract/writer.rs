@@ -126,6 +126,39 @@ pub fn plan_forward_batches(
     out
 }
 
+/// The manifest a run of `target_name` (config `cfg`) with these aux ids and storage dtype starts
+/// from; `run` describes the dataset and settings (its counts are filled in by [`plan`]).
+pub fn manifest_template(
+    target_name: &str,
+    cfg: &crate::config::TargetConfig,
+    aux_layer_ids: &[i64],
+    store: Kind,
+    run: manifest::RunInfo,
+) -> Manifest {
+    Manifest {
+        format: FORMAT.into(),
+        version: VERSION,
+        target: manifest::TargetInfo {
+            name: target_name.to_string(),
+            model_type: cfg.model_type.clone(),
+            config_hash: cfg.config_hash.clone(),
+            vocab_size: cfg.vocab_size,
+            num_hidden_layers: cfg.num_hidden_layers,
+        },
+        aux_layer_ids: aux_layer_ids.to_vec(),
+        hidden_size: cfg.hidden_size,
+        dtype: dtype_name(store).into(),
+        samples: 0,
+        tokens: 0,
+        shards: Vec::new(),
+        run,
+        complete: false,
+        rank: None,
+        planned_shards: None,
+        skipped_nonfinite: Vec::new(),
+    }
+}
+
 /// What this rank will do, decided before the target is loaded.
 #[derive(Debug, Clone)]
 pub struct ExtractPlan {
@@ -420,15 +453,12 @@ fn encode_shard(
             view(path, Dtype::I64, vec![samples.len()], &idx_b)?,
         ),
     ];
-    let meta: HashMap<String, String> = [
-        ("format", FORMAT.to_string()),
-        ("version", VERSION.to_string()),
-        ("rank", rank.to_string()),
-        ("shard", index.to_string()),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_string(), v))
-    .collect();
+    // One metadata key: safetensors writes the metadata map in hash order, and a shard must be
+    // byte-identical across runs (resume is checked against uninterrupted runs by checksum).
+    let meta: HashMap<String, String> = HashMap::from([(
+        "specforge".to_string(),
+        format!(r#"{{"format":"{FORMAT}","version":{VERSION},"rank":{rank},"shard":{index}}}"#),
+    )]);
     safetensors::serialize(views, Some(meta)).map_err(|e| Error::Shard {
         path: path.to_path_buf(),
         reason: e.to_string(),

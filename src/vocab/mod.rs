@@ -65,18 +65,19 @@ impl DraftVocab {
     /// `config_hash` in the header metadata.
     pub fn save(&self, path: &Path, config_hash: &str) -> Result<()> {
         let (d2t, t2d) = self.tensors();
-        let meta: HashMap<String, String> = [
-            ("format", "specforge-vocab".to_string()),
-            ("draft_vocab_size", self.used.len().to_string()),
-            ("target_vocab_size", self.t2d.len().to_string()),
-            ("coverage", format!("{:.6}", self.coverage())),
-            ("total_tokens", self.total_tokens.to_string()),
-            ("covered_tokens", self.covered_tokens.to_string()),
-            ("config_hash", config_hash.to_string()),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), v))
-        .collect();
+        // One metadata key holding JSON: safetensors writes the map in hash order, and the file
+        // should be byte-identical across runs.
+        let info = json!({
+            "format": "specforge-vocab",
+            "draft_vocab_size": self.used.len(),
+            "target_vocab_size": self.t2d.len(),
+            "coverage": self.coverage(),
+            "total_tokens": self.total_tokens,
+            "covered_tokens": self.covered_tokens,
+            "config_hash": config_hash,
+        });
+        let meta: HashMap<String, String> =
+            HashMap::from([("specforge".to_string(), info.to_string())]);
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
             std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
         }
