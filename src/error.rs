@@ -144,6 +144,53 @@ pub enum Error {
     /// launcher); the error names the rank.
     #[error(transparent)]
     Dist(#[from] crate::dist::DistError),
+    /// One line of a dataset is unusable (invalid JSON, unknown role, missing image, ...).
+    #[error("{}:{line}: {message}", path.display())]
+    Dataset {
+        /// The dataset file.
+        path: PathBuf,
+        /// 1-based line number.
+        line: usize,
+        /// What is wrong, with the value seen.
+        message: String,
+    },
+
+    /// Too large a share of a dataset's lines are bad: the run stops instead of training on the rest.
+    #[error("{}: {bad} of {total} lines are bad ({:.1}%), more than the allowed {:.1}% (--max-bad-fraction {threshold}); every bad line with its reason is listed in {}", path.display(), 100.0 * *bad as f64 / (*total).max(1) as f64, 100.0 * threshold, report.display())]
+    TooManyBadLines {
+        /// The dataset file.
+        path: PathBuf,
+        /// Bad lines.
+        bad: usize,
+        /// Non-blank lines read.
+        total: usize,
+        /// The allowed fraction.
+        threshold: f64,
+        /// The report listing them.
+        report: PathBuf,
+    },
+
+    /// A feature shard (or its manifest entry) is corrupt, truncated or inconsistent.
+    #[error("shard {}: {reason}", path.display())]
+    Shard {
+        /// The shard file (or manifest).
+        path: PathBuf,
+        /// What is wrong, with the values seen.
+        reason: String,
+    },
+
+    /// A run would exceed its disk budget; nothing was written.
+    #[error("refusing to start: {what} needs {}, more than {limit_name} {}", crate::util::bytes::human(*needed), crate::util::bytes::human(*limit))]
+    DiskBudget {
+        /// What would be written.
+        what: String,
+        /// Bytes it needs.
+        needed: u64,
+        /// The budget name (`--max-disk`, `free space on /x`).
+        limit_name: String,
+        /// The budget in bytes.
+        limit: u64,
+    },
 
     /// A libtorch call failed.
     #[error(transparent)]

@@ -3,9 +3,15 @@
 //! | stage | module |
 //! |---|---|
 //! | load a frozen target, capture aux states | [`target`] |
-//! | tokenizer and chat templates | [`data`] |
-//! | greedy generation with the KV cache | [`generate`] |
-//! | data-parallel process groups (c10d) and the launcher | [`dist`] |
+//! | datasets, loss masks, tokenizer and chat templates | [`data`] |
+//! | greedy generation with the KV cache, on-policy regeneration | [`generate`] |
+//! | draft vocabulary (d2t / t2d) | [`vocab`] |
+//! | offline features: shard writer and reader | [`extract`] |
+//! | the EAGLE-3 / 3.1 draft head | [`draft`] |
+//! | TTT training, optimizer, checkpoints | [`train`] |
+//! | data-parallel process groups (c10d), DDP and the launcher | [`dist`] |
+//! | the serving export | [`export`] |
+//! | speculative decoding and acceptance evaluation | [`eval`] |
 #![warn(missing_docs)]
 
 pub mod cli;
@@ -16,11 +22,13 @@ pub mod draft;
 pub mod error;
 pub mod eval;
 pub mod export;
+pub mod extract;
 pub mod generate;
 pub mod nn;
 pub mod target;
 pub mod train;
 pub mod util;
+pub mod vocab;
 pub mod weights;
 
 pub use error::{Error, Result};

@@ -1,8 +1,13 @@
 //! The command line: one subcommand per pipeline stage.
 
+mod data_args;
 mod dist_selftest;
+mod extract;
 mod generate;
+mod import;
 mod launch;
+mod regenerate;
+mod vocab;
 
 use clap::{Parser, Subcommand};
 
@@ -27,6 +32,14 @@ enum Command {
     /// Internal: exercise the process group (used by the tests and the bandwidth benchmark).
     #[command(hide = true)]
     DistSelftest(dist_selftest::SelftestArgs),
+    /// The target writes the assistant turns of a dataset itself (on-policy data); resumable.
+    Regenerate(regenerate::RegenerateArgs),
+    /// Join answers generated elsewhere (OpenAI-format JSONL, e.g. vLLM) with their prompts.
+    Import(import::ImportArgs),
+    /// Draft vocabulary (d2t / t2d) from loss-masked token frequencies.
+    Vocab(vocab::VocabArgs),
+    /// Frozen target forward over a dataset: aux + final hidden states into feature shards.
+    Extract(extract::ExtractArgs),
 }
 
 /// Parses the command line and runs it.
@@ -37,5 +50,9 @@ pub fn main() -> anyhow::Result<()> {
         Command::Generate(a) => generate::run(a),
         Command::Launch(a) => launch::run(a),
         Command::DistSelftest(a) => dist_selftest::run(a),
+        Command::Regenerate(a) => regenerate::run(a),
+        Command::Import(a) => import::run(a),
+        Command::Vocab(a) => vocab::run(a),
+        Command::Extract(a) => extract::run(a),
     }
 }

@@ -74,6 +74,47 @@ impl Tokenizer {
         Ok(enc.get_ids().iter().map(|&i| i as i64).collect())
     }
 
+    /// Token ids of `text` (no special tokens added) with each token's byte range in `text`.
+    ///
+    /// The loss mask is derived from these ranges: a token belongs to an assistant turn when its
+    /// bytes overlap the turn's span in the rendered conversation.
+    pub fn encode_with_offsets(&self, text: &str) -> Result<(Vec<i64>, Vec<(usize, usize)>)> {
+        let enc = self
+            .inner
+            .encode(text, false)
+            .map_err(|e| Error::Tokenizer {
+                path: self.path.clone(),
+                message: e.to_string(),
+            })?;
+        let ids = enc.get_ids().iter().map(|&i| i as i64).collect();
+        Ok((ids, enc.get_offsets().to_vec()))
+    }
+
+    /// The string of token `id`, if it exists.
+    pub fn id_to_token(&self, id: i64) -> Option<String> {
+        u32::try_from(id)
+            .ok()
+            .and_then(|i| self.inner.id_to_token(i))
+    }
+
+    /// Added tokens flagged `special` (`<|im_start|>`, `<|im_end|>`, ...), sorted by id.
+    pub fn special_added_tokens(&self) -> Vec<(i64, String)> {
+        let mut v: Vec<(i64, String)> = self
+            .inner
+            .get_added_tokens_decoder()
+            .into_iter()
+            .filter(|(_, t)| t.special)
+            .map(|(id, t)| (i64::from(id), t.content))
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// The tokenizer.json this was loaded from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
     /// Text of `ids`.
     pub fn decode(&self, ids: &[i64], skip_special_tokens: bool) -> Result<String> {
         let ids: Vec<u32> = ids.iter().map(|&i| i as u32).collect();

@@ -5,6 +5,8 @@
 //! (`cumsum(mask) - 1`), as transformers' `generate` does, so a padded row computes exactly what
 //! it would alone.
 
+pub mod regenerate;
+
 use tch::{Device, Kind, Tensor};
 
 use crate::error::{Error, Result};
