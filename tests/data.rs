@@ -25,12 +25,8 @@ fn loss_masks_match_transformers_per_turn_and_generation_tags() {
     let text = std::fs::read(&cases).unwrap();
     let hash = format!("{:016x}", xxhash_rust::xxh3::xxh3_64(&text));
     let smol = smollm2();
-    let refdir = common::reference(
-        "loss_mask_reference.py",
-        &[smol.to_str().unwrap(), cases.to_str().unwrap(), &hash],
-    );
-    let want: BTreeMap<String, Value> =
-        serde_json::from_str(&std::fs::read_to_string(refdir.join("masks.json")).unwrap()).unwrap();
+    let refdir = common::reference("loss_mask_reference.py", &[smol.to_str().unwrap(), cases.to_str().unwrap(), &hash]);
+    let want: BTreeMap<String, Value> = serde_json::from_str(&std::fs::read_to_string(refdir.join("masks.json")).unwrap()).unwrap();
     let (tok, eos) = smol_tokenizer();
     let (convs, mut report) = read_jsonl(&cases, &ReadOptions::default()).unwrap();
     let samples = tokenize(&convs, &tok, &eos, &TokenizeOptions::default(), &mut report);
@@ -41,36 +37,16 @@ fn loss_masks_match_transformers_per_turn_and_generation_tags() {
         let ids: Vec<i64> = serde_json::from_value(w["input_ids"].clone()).unwrap();
         let mask: Vec<u8> = serde_json::from_value(w["loss_mask"].clone()).unwrap();
         assert_eq!(s.input_ids, ids, "{}: token ids", s.id);
-        assert_eq!(
-            s.loss_mask,
-            mask,
-            "{}: loss mask\n text: {:?}",
-            s.id,
-            tok.decode(&s.input_ids, false).unwrap()
-        );
+        assert_eq!(s.loss_mask, mask, "{}: loss mask\n text: {:?}", s.id, tok.decode(&s.input_ids, false).unwrap());
     }
     // Spot checks of the policy itself on the multi-turn case: three assistant turns, each
     // supervised from its first content token through <|im_end|>, nothing else.
     let s = samples.iter().find(|s| s.id == "multi-turn").unwrap();
-    let spans: Vec<String> = s
-        .loss_mask
-        .split(|&m| m == 0)
-        .filter(|r| !r.is_empty())
-        .map(|_| String::new())
-        .collect();
+    let spans: Vec<String> = s.loss_mask.split(|&m| m == 0).filter(|r| !r.is_empty()).map(|_| String::new()).collect();
     assert_eq!(spans.len(), 3);
-    let masked: Vec<i64> = s
-        .input_ids
-        .iter()
-        .zip(&s.loss_mask)
-        .filter(|(_, &m)| m == 1)
-        .map(|(&t, _)| t)
-        .collect();
+    let masked: Vec<i64> = s.input_ids.iter().zip(&s.loss_mask).filter(|(_, &m)| m == 1).map(|(&t, _)| t).collect();
     let text = tok.decode(&masked, false).unwrap();
-    assert_eq!(
-        text,
-        "2 + 2 = 4.<|im_end|>4 × 3 = 12.<|im_end|>You're welcome!<|im_end|>"
-    );
+    assert_eq!(text, "2 + 2 = 4.<|im_end|>4 × 3 = 12.<|im_end|>You're welcome!<|im_end|>");
 }
 
 #[test]
@@ -98,33 +74,22 @@ fn sharegpt_and_openai_forms_give_the_same_sample() {
 #[test]
 fn bad_input_corpus_reports_every_line_without_panicking() {
     let corpus = common::root().join("data/bad-corpus/corpus.jsonl");
-    let expected: Vec<Value> =
-        std::fs::read_to_string(common::root().join("data/bad-corpus/expected.jsonl"))
-            .unwrap()
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect();
-    let kinds: std::collections::BTreeSet<&str> = expected
-        .iter()
-        .map(|e| e["kind"].as_str().unwrap())
+    let expected: Vec<Value> = std::fs::read_to_string(common::root().join("data/bad-corpus/expected.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
         .collect();
+    let kinds: std::collections::BTreeSet<&str> = expected.iter().map(|e| e["kind"].as_str().unwrap()).collect();
     assert!(kinds.len() >= 10, "the corpus covers {} kinds", kinds.len());
     let (tok, eos) = smol_tokenizer();
     let (convs, mut report) = read_jsonl(&corpus, &ReadOptions::default()).unwrap();
-    let opts = TokenizeOptions {
-        max_len: 64,
-        ..Default::default()
-    };
+    let opts = TokenizeOptions { max_len: 64, ..Default::default() };
     let samples = tokenize(&convs, &tok, &eos, &opts, &mut report);
     let ids: Vec<&str> = samples.iter().map(|s| s.id.as_str()).collect();
     assert_eq!(ids, ["good-1", "good-2"]);
     assert_eq!(samples.iter().map(|s| s.line).collect::<Vec<_>>(), [1, 21]);
     assert_eq!(report.total, 21, "the blank line is not counted");
-    let got: Vec<(usize, String, String)> = report
-        .bad
-        .iter()
-        .map(|b| (b.line, b.kind.name(), b.reason.clone()))
-        .collect();
+    let got: Vec<(usize, String, String)> = report.bad.iter().map(|b| (b.line, b.kind.name(), b.reason.clone())).collect();
     assert_eq!(got.len(), expected.len(), "{got:#?}");
     for (g, e) in got.iter().zip(&expected) {
         assert_eq!(g.0 as u64, e["line"].as_u64().unwrap(), "{g:?}");
@@ -160,17 +125,11 @@ fn bad_input_corpus_reports_every_line_without_panicking() {
     let stderr = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success());
     assert!(
-        stderr.contains("19 of 21 lines are bad")
-            && stderr.contains("--max-bad-fraction 0.5")
-            && stderr.contains("bad.jsonl"),
+        stderr.contains("19 of 21 lines are bad") && stderr.contains("--max-bad-fraction 0.5") && stderr.contains("bad.jsonl"),
         "{stderr}"
     );
     assert!(!out.exists(), "nothing is written when the run stops");
-    let lines: Vec<Value> = std::fs::read_to_string(&report_path)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let lines: Vec<Value> = std::fs::read_to_string(&report_path).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!(lines.len(), 19);
     for (l, e) in lines.iter().zip(&expected) {
         assert_eq!(l["line"], e["line"]);
@@ -201,31 +160,12 @@ fn truncation_policy() {
     let (convs, _) = read_jsonl(&p, &ReadOptions::default()).unwrap();
     let full = {
         let mut r = Default::default();
-        tokenize(
-            &convs,
-            &tok,
-            &eos,
-            &TokenizeOptions {
-                max_len: 100_000,
-                ..Default::default()
-            },
-            &mut r,
-        )
+        tokenize(&convs, &tok, &eos, &TokenizeOptions { max_len: 100_000, ..Default::default() }, &mut r)
     };
     // Truncate: the long answer keeps its first 48 tokens; the long prompt has no assistant
     // token left and is reported.
     let mut r = specforge_rs::data::Report::default();
-    let t = tokenize(
-        &convs,
-        &tok,
-        &eos,
-        &TokenizeOptions {
-            max_len: 48,
-            truncation: Truncation::Truncate,
-            ..Default::default()
-        },
-        &mut r,
-    );
+    let t = tokenize(&convs, &tok, &eos, &TokenizeOptions { max_len: 48, truncation: Truncation::Truncate, ..Default::default() }, &mut r);
     assert_eq!(t.len(), 1);
     assert!(t[0].truncated && t[0].input_ids.len() == 48);
     assert_eq!(t[0].input_ids, full[0].input_ids[..48]);
@@ -233,29 +173,12 @@ fn truncation_policy() {
     assert_eq!(r.truncated, vec![1]);
     assert_eq!(r.bad.len(), 1);
     assert_eq!((r.bad[0].line, r.bad[0].kind), (2, BadKind::OverLong));
-    assert!(
-        r.bad[0].reason.contains("no assistant token would survive"),
-        "{}",
-        r.bad[0].reason
-    );
+    assert!(r.bad[0].reason.contains("no assistant token would survive"), "{}", r.bad[0].reason);
     // Drop: both are reported.
     let mut r = specforge_rs::data::Report::default();
-    let t = tokenize(
-        &convs,
-        &tok,
-        &eos,
-        &TokenizeOptions {
-            max_len: 48,
-            truncation: Truncation::Drop,
-            ..Default::default()
-        },
-        &mut r,
-    );
+    let t = tokenize(&convs, &tok, &eos, &TokenizeOptions { max_len: 48, truncation: Truncation::Drop, ..Default::default() }, &mut r);
     assert!(t.is_empty());
-    assert_eq!(
-        r.bad.iter().map(|b| b.kind).collect::<Vec<_>>(),
-        [BadKind::OverLong, BadKind::OverLong]
-    );
+    assert_eq!(r.bad.iter().map(|b| b.kind).collect::<Vec<_>>(), [BadKind::OverLong, BadKind::OverLong]);
     assert!(r.bad[0].reason.contains("--truncation drop"));
 }
 
@@ -275,15 +198,10 @@ fn import_joins_server_answers_with_their_prompts() {
     };
     std::fs::write(
         &requests,
-        [
-            req("q1", "One?"),
-            req("q2", "Two?"),
-            req("q3", "Three?"),
-            req("q4", "Four?"),
-        ]
-        .iter()
-        .map(|v| format!("{v}\n"))
-        .collect::<String>(),
+        [req("q1", "One?"), req("q2", "Two?"), req("q3", "Three?"), req("q4", "Four?")]
+            .iter()
+            .map(|v| format!("{v}\n"))
+            .collect::<String>(),
     )
     .unwrap();
     let lines = [
@@ -295,11 +213,7 @@ fn import_joins_server_answers_with_their_prompts() {
         // A self-contained chat.completion with its prompt inline (no custom_id).
         json!({"messages": [{"role": "user", "content": "Inline?"}], "choices": [{"message": {"role": "assistant", "content": "Inline."}, "finish_reason": "stop"}]}),
     ];
-    std::fs::write(
-        &responses,
-        lines.iter().map(|v| format!("{v}\n")).collect::<String>() + "{not json\n",
-    )
-    .unwrap();
+    std::fs::write(&responses, lines.iter().map(|v| format!("{v}\n")).collect::<String>() + "{not json\n").unwrap();
     let out = tmp.path().join("imported.jsonl");
     let stdout = run_ok(&[
         "import",
@@ -312,15 +226,8 @@ fn import_joins_server_answers_with_their_prompts() {
         "--max-bad-fraction",
         "0.6",
     ]);
-    assert!(
-        stdout.contains("3 conversations") && stdout.contains("1 answers cut"),
-        "{stdout}"
-    );
-    let got: Vec<Value> = std::fs::read_to_string(&out)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    assert!(stdout.contains("3 conversations") && stdout.contains("1 answers cut"), "{stdout}");
+    let got: Vec<Value> = std::fs::read_to_string(&out).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!(got.len(), 3);
     assert_eq!(got[0]["id"], "q2");
     assert_eq!(
@@ -332,33 +239,12 @@ fn import_joins_server_answers_with_their_prompts() {
     assert_eq!(got[2]["id"], "line-6");
     let mut report = out.clone().into_os_string();
     report.push(".bad-lines.jsonl");
-    let bad: Vec<Value> = std::fs::read_to_string(Path::new(&report))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
-    let kinds: Vec<(u64, &str)> = bad
-        .iter()
-        .map(|b| (b["line"].as_u64().unwrap(), b["kind"].as_str().unwrap()))
-        .collect();
-    assert_eq!(
-        kinds,
-        [
-            (2, "failed_response"),
-            (4, "failed_response"),
-            (5, "no_conversation"),
-            (7, "invalid_json")
-        ]
-    );
+    let bad: Vec<Value> = std::fs::read_to_string(Path::new(&report)).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let kinds: Vec<(u64, &str)> = bad.iter().map(|b| (b["line"].as_u64().unwrap(), b["kind"].as_str().unwrap())).collect();
+    assert_eq!(kinds, [(2, "failed_response"), (4, "failed_response"), (5, "no_conversation"), (7, "invalid_json")]);
     assert!(bad[0]["reason"].as_str().unwrap().contains("took too long"));
-    assert!(bad[1]["reason"]
-        .as_str()
-        .unwrap()
-        .contains("status_code 500"));
-    assert!(bad[2]["reason"]
-        .as_str()
-        .unwrap()
-        .contains("custom_id `q9` is not in --requests"));
+    assert!(bad[1]["reason"].as_str().unwrap().contains("status_code 500"));
+    assert!(bad[2]["reason"].as_str().unwrap().contains("custom_id `q9` is not in --requests"));
     // The imported file is a dataset the rest of the pipeline reads.
     let (convs, r) = read_jsonl(&out, &ReadOptions::default()).unwrap();
     assert_eq!((convs.len(), r.bad.len()), (3, 0));
@@ -369,20 +255,11 @@ fn kill_9_during_regenerate_then_rerun_equals_uninterrupted() {
     let tmp = tempfile::tempdir().unwrap();
     // Six bundled prompts: single-turn, a system prompt and two multi-turn conversations (whose
     // given assistant turns are regenerated too).
-    let lines: Vec<String> = std::fs::read_to_string(common::root().join("data/prompts.jsonl"))
-        .unwrap()
-        .lines()
-        .map(str::to_string)
-        .collect();
+    let lines: Vec<String> =
+        std::fs::read_to_string(common::root().join("data/prompts.jsonl")).unwrap().lines().map(str::to_string).collect();
     let prompts = tmp.path().join("prompts.jsonl");
     let pick = [0usize, 1, 40, 44, 45, 2];
-    std::fs::write(
-        &prompts,
-        pick.iter()
-            .map(|&i| format!("{}\n", lines[i]))
-            .collect::<String>(),
-    )
-    .unwrap();
+    std::fs::write(&prompts, pick.iter().map(|&i| format!("{}\n", lines[i])).collect::<String>()).unwrap();
     let p = prompts.to_str().unwrap();
     let args = |out: &str, max_new: &'static str| {
         vec![
@@ -406,9 +283,7 @@ fn kill_9_during_regenerate_then_rerun_equals_uninterrupted() {
     let b = tmp.path().join("b.jsonl");
     let argv = args(b.to_str().unwrap(), "10");
     let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
-    let killed = kill_when(cmd(&argv), Duration::from_secs(300), || {
-        count_lines(&b) >= 2
-    });
+    let killed = kill_when(cmd(&argv), Duration::from_secs(300), || count_lines(&b) >= 2);
     assert!(killed, "regenerate finished before it could be killed");
     let done = count_lines(&b);
     assert!(done < 6, "killed mid-run ({done} lines)");
@@ -423,36 +298,17 @@ fn kill_9_during_regenerate_then_rerun_equals_uninterrupted() {
         std::fs::read_to_string(&b).unwrap(),
         "the resumed output differs from the uninterrupted one"
     );
-    let out: Vec<Value> = std::fs::read_to_string(&b)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let out: Vec<Value> = std::fs::read_to_string(&b).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     let ids: Vec<&str> = out.iter().map(|v| v["id"].as_str().unwrap()).collect();
-    assert_eq!(
-        ids,
-        ["line-1", "line-2", "line-3", "line-4", "line-5", "line-6"],
-        "no sample lost or duplicated"
-    );
+    assert_eq!(ids, ["line-1", "line-2", "line-3", "line-4", "line-5", "line-6"], "no sample lost or duplicated");
     // Multi-turn: every assistant turn is the target's own (two per two-user-turn conversation).
     let multi = &out[4]["messages"];
-    let roles: Vec<&str> = multi
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| m["role"].as_str().unwrap())
-        .collect();
+    let roles: Vec<&str> = multi.as_array().unwrap().iter().map(|m| m["role"].as_str().unwrap()).collect();
     assert_eq!(roles, ["user", "assistant", "user", "assistant"]);
-    assert_ne!(
-        multi[1]["content"],
-        "That sounds exciting! When are you going?"
-    );
+    assert_ne!(multi[1]["content"], "That sounds exciting! When are you going?");
     // A rerun with other settings is refused.
     let argv = args(b.to_str().unwrap(), "11");
     let o = run(&argv.iter().map(String::as_str).collect::<Vec<_>>());
     let e = String::from_utf8_lossy(&o.stderr);
-    assert!(
-        !o.status.success() && e.contains("meta.max_new_tokens"),
-        "{e}"
-    );
+    assert!(!o.status.success() && e.contains("meta.max_new_tokens"), "{e}");
 }

@@ -20,9 +20,7 @@ use data_support::*;
 use specforge_rs::config::TargetConfig;
 use specforge_rs::data::dataset::{read_jsonl, tokenize, ReadOptions};
 use specforge_rs::data::{Sample, TokenizeOptions, Tokenizer};
-use specforge_rs::extract::reader::{
-    load_batch, plan_batches, BatchOptions, BatchSpec, Chunk, Prefetcher, SampleRef,
-};
+use specforge_rs::extract::reader::{load_batch, plan_batches, BatchOptions, BatchSpec, Chunk, Prefetcher, SampleRef};
 use specforge_rs::extract::writer::{self, plan_forward_batches, ExtractOptions};
 use specforge_rs::extract::RunInfo;
 use specforge_rs::target::{self, ForwardInput, TargetModel};
@@ -33,16 +31,7 @@ fn samples_of(model_dir: &Path, data: &Path, max_len: usize) -> Vec<Sample> {
     let tok = Tokenizer::from_dir(model_dir).unwrap();
     let cfg = TargetConfig::from_path(model_dir).unwrap();
     let (convs, mut report) = read_jsonl(data, &ReadOptions::default()).unwrap();
-    let s = tokenize(
-        &convs,
-        &tok,
-        &cfg.eos_token_ids,
-        &TokenizeOptions {
-            max_len,
-            ..Default::default()
-        },
-        &mut report,
-    );
+    let s = tokenize(&convs, &tok, &cfg.eos_token_ids, &TokenizeOptions { max_len, ..Default::default() }, &mut report);
     assert!(report.bad.is_empty(), "{:?}", report.bad);
     s
 }
@@ -62,21 +51,9 @@ fn run_info(data: &Path) -> RunInfo {
 }
 
 /// Extracts through the library and returns the plan.
-fn extract_lib(
-    model: &dyn TargetModel,
-    model_dir: &Path,
-    samples: &[Sample],
-    out: &Path,
-    opts: &ExtractOptions,
-) -> writer::ExtractPlan {
+fn extract_lib(model: &dyn TargetModel, model_dir: &Path, samples: &[Sample], out: &Path, opts: &ExtractOptions) -> writer::ExtractPlan {
     let cfg = TargetConfig::from_path(model_dir).unwrap();
-    let tmpl = writer::manifest_template(
-        "test",
-        &cfg,
-        &opts.aux_layer_ids,
-        opts.store_kind,
-        run_info(out),
-    );
+    let tmpl = writer::manifest_template("test", &cfg, &opts.aux_layer_ids, opts.store_kind, run_info(out));
     let plan = writer::plan(samples, tmpl, opts);
     writer::run(model, samples, &plan, out, opts, Device::Cpu).unwrap();
     plan
@@ -107,9 +84,7 @@ fn direct_features(
             let mask = Tensor::zeros([b, t], (Kind::Int64, Device::Cpu));
             for (r, s) in rows.iter().enumerate() {
                 let n = s.input_ids.len() as i64;
-                ids.get(r as i64)
-                    .narrow(0, 0, n)
-                    .copy_(&Tensor::from_slice(&s.input_ids));
+                ids.get(r as i64).narrow(0, 0, n).copy_(&Tensor::from_slice(&s.input_ids));
                 let _ = mask.get(r as i64).narrow(0, 0, n).fill_(1);
             }
             let single = opts.max_batch_size == 1;
@@ -129,13 +104,7 @@ fn direct_features(
             let last = o.last_hidden.to_kind(Kind::BFloat16);
             for (r, s) in rows.iter().enumerate() {
                 let n = s.input_ids.len() as i64;
-                out.insert(
-                    s.index,
-                    (
-                        aux.get(r as i64).narrow(0, 0, n),
-                        last.get(r as i64).narrow(0, 0, n),
-                    ),
-                );
+                out.insert(s.index, (aux.get(r as i64).narrow(0, 0, n), last.get(r as i64).narrow(0, 0, n)));
             }
         }
     }
@@ -144,20 +113,9 @@ fn direct_features(
 
 /// Reads every sample back through the reader (shuffled, bucketed batches) and checks ids,
 /// masks and features bitwise against `direct`. Returns the dataset indices seen.
-fn check_read_back(
-    chunk_dir: &Path,
-    samples: &[Sample],
-    direct: &HashMap<usize, (Tensor, Tensor)>,
-    what: &str,
-) -> Vec<i64> {
+fn check_read_back(chunk_dir: &Path, samples: &[Sample], direct: &HashMap<usize, (Tensor, Tensor)>, what: &str) -> Vec<i64> {
     let chunks = Arc::new(vec![Chunk::open(chunk_dir).unwrap()]);
-    let opts = BatchOptions {
-        token_budget: 400,
-        max_batch_size: 4,
-        max_len: 100_000,
-        bucket_by_length: true,
-        shuffle: true,
-    };
+    let opts = BatchOptions { token_budget: 400, max_batch_size: 4, max_len: 100_000, bucket_by_length: true, shuffle: true };
     let plan = plan_batches(&chunks, &opts, 7, 1);
     let mut seen = Vec::new();
     for batch in Prefetcher::new(chunks.clone(), plan, Device::Cpu, 2) {
@@ -185,19 +143,9 @@ fn check_read_back(
             // Padding is zero and masked out.
             let t = batch.input_ids.size()[1];
             if n < t {
-                let pad_mask: i64 = batch
-                    .attention_mask
-                    .get(r)
-                    .narrow(0, n, t - n)
-                    .sum(Kind::Int64)
-                    .int64_value(&[]);
+                let pad_mask: i64 = batch.attention_mask.get(r).narrow(0, n, t - n).sum(Kind::Int64).int64_value(&[]);
                 assert_eq!(pad_mask, 0);
-                let pad_loss: i64 = batch
-                    .loss_mask
-                    .get(r)
-                    .narrow(0, n, t - n)
-                    .sum(Kind::Int64)
-                    .int64_value(&[]);
+                let pad_loss: i64 = batch.loss_mask.get(r).narrow(0, n, t - n).sum(Kind::Int64).int64_value(&[]);
                 assert_eq!(pad_loss, 0);
             }
             seen.push(idx);
@@ -244,17 +192,10 @@ fn tiny_target_features_read_back_bitwise() {
     let chunks = vec![a, b];
     let mut exact = 0;
     for i in 0..samples.len() {
-        let idx_a = (0..chunks[0].num_samples())
-            .find(|&k| chunks[0].sample_index(k) == Some(i as i64))
-            .unwrap();
-        let idx_b = (0..chunks[1].num_samples())
-            .find(|&k| chunks[1].sample_index(k) == Some(i as i64))
-            .unwrap();
+        let idx_a = (0..chunks[0].num_samples()).find(|&k| chunks[0].sample_index(k) == Some(i as i64)).unwrap();
+        let idx_b = (0..chunks[1].num_samples()).find(|&k| chunks[1].sample_index(k) == Some(i as i64)).unwrap();
         let spec = |c: u32, s: usize| BatchSpec {
-            samples: vec![SampleRef {
-                chunk: c,
-                sample: s as u32,
-            }],
+            samples: vec![SampleRef { chunk: c, sample: s as u32 }],
             seq_len: samples[i].input_ids.len(),
             tokens: samples[i].input_ids.len(),
         };
@@ -263,10 +204,7 @@ fn tiny_target_features_read_back_bitwise() {
         common::assert_close("batched vs per-sample aux", &x.aux, &y.aux, Kind::BFloat16);
         exact += usize::from(bits(&x.aux).equal(&bits(&y.aux)));
     }
-    eprintln!(
-        "batched == per-sample bitwise for {exact} of {} samples",
-        samples.len()
-    );
+    eprintln!("batched == per-sample bitwise for {exact} of {} samples", samples.len());
 }
 
 #[test]
@@ -277,20 +215,11 @@ fn smollm2_features_read_back_bitwise_on_bundled_prompts() {
     let dir = smollm2();
     let tmp = tempfile::tempdir().unwrap();
     // Four bundled prompts: single-turn, system prompt, two multi-turn; SmolLM2 answers them.
-    let lines: Vec<String> = std::fs::read_to_string(common::root().join("data/prompts.jsonl"))
-        .unwrap()
-        .lines()
-        .map(str::to_string)
-        .collect();
+    let lines: Vec<String> =
+        std::fs::read_to_string(common::root().join("data/prompts.jsonl")).unwrap().lines().map(str::to_string).collect();
     let pick = [0usize, 40, 44, 45];
     let prompts = tmp.path().join("prompts.jsonl");
-    std::fs::write(
-        &prompts,
-        pick.iter()
-            .map(|&i| format!("{}\n", lines[i]))
-            .collect::<String>(),
-    )
-    .unwrap();
+    std::fs::write(&prompts, pick.iter().map(|&i| format!("{}\n", lines[i])).collect::<String>()).unwrap();
     let model = target::load(&dir, Kind::Float, Device::Cpu).unwrap();
     let tok = Tokenizer::from_dir(&dir).unwrap();
     let cfg = model.config().clone();
@@ -377,17 +306,11 @@ fn corrupt_truncated_or_missing_shards_are_named() {
     bad[k] ^= 0x40;
     std::fs::write(&shard, &bad).unwrap();
     let e = err("corrupt");
-    assert!(
-        e.contains("shard-00000-00001.safetensors") && e.contains("checksum"),
-        "{e}"
-    );
+    assert!(e.contains("shard-00000-00001.safetensors") && e.contains("checksum"), "{e}");
     // Truncated.
     std::fs::write(&shard, &pristine[..pristine.len() / 2]).unwrap();
     let e = err("truncated");
-    assert!(
-        e.contains("shard-00000-00001.safetensors") && e.contains("truncated"),
-        "{e}"
-    );
+    assert!(e.contains("shard-00000-00001.safetensors") && e.contains("truncated"), "{e}");
     // Missing.
     std::fs::remove_file(&shard).unwrap();
     let e = err("missing");
@@ -397,11 +320,7 @@ fn corrupt_truncated_or_missing_shards_are_named() {
     Chunk::open(&chunk).unwrap();
     // A manifest of another version.
     let m = std::fs::read_to_string(chunk.join("manifest.json")).unwrap();
-    std::fs::write(
-        chunk.join("manifest.json"),
-        m.replace("\"version\": 1", "\"version\": 2"),
-    )
-    .unwrap();
+    std::fs::write(chunk.join("manifest.json"), m.replace("\"version\": 1", "\"version\": 2")).unwrap();
     let e = err("version");
     assert!(e.contains("manifest.json") && e.contains("version"), "{e}");
 }
@@ -412,14 +331,7 @@ fn prefetcher_yields_errors_in_order_without_panicking() {
     let (_, chunk) = tiny_chunk(tmp.path(), 6);
     let chunks = Arc::new(vec![Chunk::open(&chunk).unwrap()]);
     let good = plan_batches(&chunks, &BatchOptions::default(), 0, 0);
-    let bogus = |c: u32, s: u32| BatchSpec {
-        samples: vec![SampleRef {
-            chunk: c,
-            sample: s,
-        }],
-        seq_len: 4,
-        tokens: 4,
-    };
+    let bogus = |c: u32, s: u32| BatchSpec { samples: vec![SampleRef { chunk: c, sample: s }], seq_len: 4, tokens: 4 };
     let specs = vec![good[0].clone(), bogus(3, 0), bogus(0, 999), good[0].clone()];
     let results: Vec<_> = Prefetcher::new(chunks, specs, Device::Cpu, 1).collect();
     assert_eq!(results.len(), 4);
@@ -435,10 +347,7 @@ fn prefetcher_yields_errors_in_order_without_panicking() {
     let _ = b.aux.get(0).get(0).get(0).fill_(f64::NAN);
     assert!(!b.is_finite());
     let e = b.check_finite().unwrap_err().to_string();
-    assert!(
-        e.contains("aux") && e.contains(&format!("{}", b.sample_index[0])),
-        "{e}"
-    );
+    assert!(e.contains("aux") && e.contains(&format!("{}", b.sample_index[0])), "{e}");
 }
 
 #[test]
@@ -447,78 +356,29 @@ fn batch_plan_is_deterministic_budgeted_and_complete() {
     let (samples, chunk) = tiny_chunk(tmp.path(), 60);
     // The same chunk opened twice stands for two chunks (two extraction runs).
     let chunks = vec![Chunk::open(&chunk).unwrap(), Chunk::open(&chunk).unwrap()];
-    let opts = BatchOptions {
-        token_budget: 500,
-        max_batch_size: 6,
-        max_len: 90,
-        bucket_by_length: true,
-        shuffle: true,
-    };
+    let opts = BatchOptions { token_budget: 500, max_batch_size: 6, max_len: 90, bucket_by_length: true, shuffle: true };
     let p1 = plan_batches(&chunks, &opts, 11, 3);
     let p2 = plan_batches(&chunks, &opts, 11, 3);
     assert_eq!(p1, p2, "same seed and epoch, same plan");
-    assert_ne!(
-        p1,
-        plan_batches(&chunks, &opts, 11, 4),
-        "another epoch reshuffles"
-    );
-    assert_ne!(
-        p1,
-        plan_batches(&chunks, &opts, 12, 3),
-        "another seed reshuffles"
-    );
+    assert_ne!(p1, plan_batches(&chunks, &opts, 11, 4), "another epoch reshuffles");
+    assert_ne!(p1, plan_batches(&chunks, &opts, 12, 3), "another seed reshuffles");
     let mut seen = BTreeSet::new();
     for b in &p1 {
         assert!(b.samples.len() <= 6);
-        assert!(
-            b.samples.len() == 1 || b.samples.len() * b.seq_len <= 500,
-            "{b:?}"
-        );
-        let longest = b
-            .samples
-            .iter()
-            .map(|r| {
-                chunks[r.chunk as usize]
-                    .sample_len(r.sample as usize)
-                    .min(90)
-            })
-            .max()
-            .unwrap();
+        assert!(b.samples.len() == 1 || b.samples.len() * b.seq_len <= 500, "{b:?}");
+        let longest = b.samples.iter().map(|r| chunks[r.chunk as usize].sample_len(r.sample as usize).min(90)).max().unwrap();
         assert_eq!(longest, b.seq_len);
         for r in &b.samples {
             assert!(seen.insert((r.chunk, r.sample)), "{r:?} twice");
         }
     }
-    assert_eq!(
-        seen.len(),
-        2 * samples.len(),
-        "every sample of every chunk once"
-    );
+    assert_eq!(seen.len(), 2 * samples.len(), "every sample of every chunk once");
     // Shuffling mixes the chunks within batches.
-    assert!(p1
-        .iter()
-        .any(|b| b.samples.iter().any(|r| r.chunk == 0) && b.samples.iter().any(|r| r.chunk == 1)));
+    assert!(p1.iter().any(|b| b.samples.iter().any(|r| r.chunk == 0) && b.samples.iter().any(|r| r.chunk == 1)));
     // Bucketing wastes less padding than packing in shuffled order.
-    let padded = |p: &[BatchSpec]| {
-        p.iter()
-            .map(|b| b.samples.len() * b.seq_len - b.tokens)
-            .sum::<usize>()
-    };
-    let flat = plan_batches(
-        &chunks,
-        &BatchOptions {
-            bucket_by_length: false,
-            ..opts.clone()
-        },
-        11,
-        3,
-    );
-    assert!(
-        padded(&p1) < padded(&flat),
-        "{} vs {}",
-        padded(&p1),
-        padded(&flat)
-    );
+    let padded = |p: &[BatchSpec]| p.iter().map(|b| b.samples.len() * b.seq_len - b.tokens).sum::<usize>();
+    let flat = plan_batches(&chunks, &BatchOptions { bucket_by_length: false, ..opts.clone() }, 11, 3);
+    assert!(padded(&p1) < padded(&flat), "{} vs {}", padded(&p1), padded(&flat));
     // max_len cuts samples when loading.
     let b = load_batch(&chunks, &p1[0], Device::Cpu).unwrap();
     assert_eq!(b.input_ids.size()[1] as usize, p1[0].seq_len);
@@ -526,19 +386,9 @@ fn batch_plan_is_deterministic_budgeted_and_complete() {
 }
 
 /// `extract` through the binary on the tiny target; `extra` flags replace the defaults.
-fn extract_args<'a>(
-    model: &'a str,
-    data: &'a str,
-    out: &'a str,
-    extra: &[&'a str],
-) -> Vec<&'a str> {
+fn extract_args<'a>(model: &'a str, data: &'a str, out: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
     let mut v = vec!["extract", "--target", model, "--data", data, "--out", out];
-    let defaults = [
-        ("--aux-layers", "1,2,4"),
-        ("--shard-size", "300k"),
-        ("--batch-tokens", "1024"),
-        ("--max-batch-size", "8"),
-    ];
+    let defaults = [("--aux-layers", "1,2,4"), ("--shard-size", "300k"), ("--batch-tokens", "1024"), ("--max-batch-size", "8")];
     for (flag, value) in defaults {
         if !extra.contains(&flag) {
             v.extend([flag, value]);
@@ -550,8 +400,7 @@ fn extract_args<'a>(
 
 /// The manifest's shard list without timestamps, and every shard's bytes.
 fn chunk_contents(dir: &Path) -> (serde_json::Value, Vec<(String, Vec<u8>)>) {
-    let m: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("manifest.json")).unwrap()).unwrap();
+    let m: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("manifest.json")).unwrap()).unwrap();
     let files = m["shards"]
         .as_array()
         .unwrap()
@@ -567,9 +416,7 @@ fn chunk_contents(dir: &Path) -> (serde_json::Value, Vec<(String, Vec<u8>)>) {
 
 fn sample_indices(dir: &Path) -> Vec<i64> {
     let c = Chunk::open(dir).unwrap();
-    let mut v: Vec<i64> = (0..c.num_samples())
-        .map(|i| c.sample_index(i).unwrap())
-        .collect();
+    let mut v: Vec<i64> = (0..c.num_samples()).map(|i| c.sample_index(i).unwrap()).collect();
     v.sort_unstable();
     v
 }
@@ -590,13 +437,9 @@ fn kill_9_during_extract_then_rerun_equals_uninterrupted() {
     for min_shards in [2, 9] {
         let mut c = cmd(&extract_args(m, d, bs, &[]));
         c.env("RUST_LOG", "error");
-        let killed = kill_when(c, Duration::from_secs(120), || {
-            listed_shards(&b) >= min_shards
-        });
+        let killed = kill_when(c, Duration::from_secs(120), || listed_shards(&b) >= min_shards);
         assert!(killed, "extract finished before it could be killed");
-        let mf: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(b.join("manifest.json")).unwrap())
-                .unwrap();
+        let mf: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(b.join("manifest.json")).unwrap()).unwrap();
         assert_eq!(mf["complete"], false, "killed mid-run");
         // Whatever the manifest lists opens and verifies.
         Chunk::open(&b).unwrap();
@@ -607,11 +450,7 @@ fn kill_9_during_extract_then_rerun_equals_uninterrupted() {
     let (mb, fb) = chunk_contents(&b);
     assert!(ma == mb, "manifests' shard lists differ:\n{ma}\n{mb}");
     assert!(fa == fb, "shard bytes differ");
-    assert_eq!(
-        sample_indices(&b),
-        (0..n as i64).collect::<Vec<_>>(),
-        "no sample lost or duplicated"
-    );
+    assert_eq!(sample_indices(&b), (0..n as i64).collect::<Vec<_>>(), "no sample lost or duplicated");
     // No temp file is left behind.
     let leftovers: Vec<_> = std::fs::read_dir(&b)
         .unwrap()
@@ -660,10 +499,7 @@ fn ranks_take_disjoint_slices_of_one_chunk() {
     let handles: Vec<_> = (0..3)
         .map(|r| {
             let mut c = cmd(&extract_args(m, d, m2, &one));
-            c.env("RANK", r.to_string())
-                .env("WORLD_SIZE", "3")
-                .stdout(std::process::Stdio::piped())
-                .stderr(std::process::Stdio::piped());
+            c.env("RANK", r.to_string()).env("WORLD_SIZE", "3").stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
             c.spawn().expect("spawn")
         })
         .collect();
@@ -681,36 +517,19 @@ fn ranks_take_disjoint_slices_of_one_chunk() {
     // Same features per sample as the single-process run.
     let chunks = vec![Chunk::open(&single).unwrap(), Chunk::open(&multi2).unwrap()];
     for i in 0..n as i64 {
-        let find = |c: usize| {
-            (0..chunks[c].num_samples())
-                .find(|&k| chunks[c].sample_index(k) == Some(i))
-                .unwrap()
-        };
+        let find = |c: usize| (0..chunks[c].num_samples()).find(|&k| chunks[c].sample_index(k) == Some(i)).unwrap();
         let len = chunks[0].sample_len(find(0));
-        let spec = |c: usize| BatchSpec {
-            samples: vec![SampleRef {
-                chunk: c as u32,
-                sample: find(c) as u32,
-            }],
-            seq_len: len,
-            tokens: len,
-        };
+        let spec = |c: usize| BatchSpec { samples: vec![SampleRef { chunk: c as u32, sample: find(c) as u32 }], seq_len: len, tokens: len };
         let x = load_batch(&chunks, &spec(0), Device::Cpu).unwrap();
         let y = load_batch(&chunks, &spec(1), Device::Cpu).unwrap();
-        assert!(
-            bits(&x.aux).equal(&bits(&y.aux)) && bits(&x.last_hidden).equal(&bits(&y.last_hidden)),
-            "sample {i}"
-        );
+        assert!(bits(&x.aux).equal(&bits(&y.aux)) && bits(&x.last_hidden).equal(&bits(&y.last_hidden)), "sample {i}");
     }
     // A bad RANK is named.
     let mut c = cmd(&extract_args(m, d, ms, &[]));
     c.env("RANK", "3").env("WORLD_SIZE", "3");
     let o = c.output().unwrap();
     let e = String::from_utf8_lossy(&o.stderr);
-    assert!(
-        !o.status.success() && e.contains("RANK") && e.contains("WORLD_SIZE is 3"),
-        "{e}"
-    );
+    assert!(!o.status.success() && e.contains("RANK") && e.contains("WORLD_SIZE is 3"), "{e}");
 }
 
 #[test]
@@ -720,30 +539,12 @@ fn max_disk_is_checked_before_anything_is_written() {
     let data = tmp.path().join("data.jsonl");
     std::fs::write(&data, synthetic_conversations(10, 2)).unwrap();
     let out = tmp.path().join("out");
-    let o = run(&extract_args(
-        model.to_str().unwrap(),
-        data.to_str().unwrap(),
-        out.to_str().unwrap(),
-        &["--max-disk", "10k"],
-    ));
+    let o = run(&extract_args(model.to_str().unwrap(), data.to_str().unwrap(), out.to_str().unwrap(), &["--max-disk", "10k"]));
     let stdout = String::from_utf8_lossy(&o.stdout);
     let stderr = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success());
     assert!(stdout.contains("the chunk will take about"), "{stdout}");
-    assert!(
-        stderr.contains("refusing to start")
-            && stderr.contains("--max-disk")
-            && stderr.contains("10.00 kB"),
-        "{stderr}"
-    );
-    let written: Vec<_> = std::fs::read_dir(&out)
-        .map(|d| d.filter_map(|e| e.ok()).map(|e| e.file_name()).collect())
-        .unwrap_or_default();
-    assert!(
-        written
-            .iter()
-            .all(|f| !f.to_string_lossy().contains("shard")
-                && !f.to_string_lossy().contains("manifest")),
-        "{written:?}"
-    );
+    assert!(stderr.contains("refusing to start") && stderr.contains("--max-disk") && stderr.contains("10.00 kB"), "{stderr}");
+    let written: Vec<_> = std::fs::read_dir(&out).map(|d| d.filter_map(|e| e.ok()).map(|e| e.file_name()).collect()).unwrap_or_default();
+    assert!(written.iter().all(|f| !f.to_string_lossy().contains("shard") && !f.to_string_lossy().contains("manifest")), "{written:?}");
 }

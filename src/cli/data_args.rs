@@ -32,11 +32,7 @@ pub struct DatasetArgs {
 impl DatasetArgs {
     /// Tokenisation options from the flags.
     pub fn tokenize_options(&self) -> TokenizeOptions {
-        TokenizeOptions {
-            max_len: self.max_len,
-            truncation: self.truncation,
-            ..Default::default()
-        }
+        TokenizeOptions { max_len: self.max_len, truncation: self.truncation, ..Default::default() }
     }
 
     /// Reads the dataset at `path` (no tokenisation).
@@ -53,11 +49,7 @@ impl DatasetArgs {
 /// `--dtype`: `auto` is bf16 on a GPU and f32 on the CPU (CPU bf16 matmuls are slow).
 pub fn compute_kind(s: &str, device: Device) -> anyhow::Result<Kind> {
     if s == "auto" {
-        return Ok(if device.is_cuda() {
-            Kind::BFloat16
-        } else {
-            Kind::Float
-        });
+        return Ok(if device.is_cuda() { Kind::BFloat16 } else { Kind::Float });
     }
     super::generate::parse_kind(s)
 }
@@ -65,10 +57,7 @@ pub fn compute_kind(s: &str, device: Device) -> anyhow::Result<Kind> {
 /// The device: GPU `LOCAL_RANK` (as torchrun sets it) when CUDA is available, else the CPU.
 pub fn device() -> Device {
     if tch::Cuda::is_available() {
-        let local = std::env::var("LOCAL_RANK")
-            .ok()
-            .and_then(|r| r.parse::<usize>().ok())
-            .unwrap_or(0);
+        let local = std::env::var("LOCAL_RANK").ok().and_then(|r| r.parse::<usize>().ok()).unwrap_or(0);
         Device::Cuda(local % tch::Cuda::device_count().max(1) as usize)
     } else {
         Device::Cpu

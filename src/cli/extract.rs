@@ -59,39 +59,19 @@ pub fn run(a: ExtractArgs) -> anyhow::Result<()> {
     let (rank, world) = writer::rank_from_env()?;
     let device = device();
     let kind = compute_kind(&a.dtype, device)?;
-    let store = writer::kind_from_name(&a.store_dtype).with_context(|| {
-        format!(
-            "--store-dtype `{}`: expected bf16, f16 or f32",
-            a.store_dtype
-        )
-    })?;
-    let shard_bytes =
-        bytes::parse(&a.shard_size).map_err(|e| anyhow::anyhow!("--shard-size {e}"))?;
-    let max_disk = a
-        .max_disk
-        .as_deref()
-        .map(bytes::parse)
-        .transpose()
-        .map_err(|e| anyhow::anyhow!("--max-disk {e}"))?;
+    let store =
+        writer::kind_from_name(&a.store_dtype).with_context(|| format!("--store-dtype `{}`: expected bf16, f16 or f32", a.store_dtype))?;
+    let shard_bytes = bytes::parse(&a.shard_size).map_err(|e| anyhow::anyhow!("--shard-size {e}"))?;
+    let max_disk = a.max_disk.as_deref().map(bytes::parse).transpose().map_err(|e| anyhow::anyhow!("--max-disk {e}"))?;
     let dir = registry::resolve(&a.target)?;
     let cfg = TargetConfig::from_path(&dir)?;
-    let aux = if a.aux_layers.is_empty() {
-        crate::extract::default_aux_ids(cfg.num_hidden_layers)
-    } else {
-        a.aux_layers.clone()
-    };
+    let aux = if a.aux_layers.is_empty() { crate::extract::default_aux_ids(cfg.num_hidden_layers) } else { a.aux_layers.clone() };
     target::check_capture(&aux, cfg.num_hidden_layers)?;
     let tok = Tokenizer::from_dir(&dir)?;
 
     // Data first: the disk estimate needs the token counts, not the weights.
     let (convs, mut report) = a.data_args.read(&a.data)?;
-    let mut samples = dataset::tokenize(
-        &convs,
-        &tok,
-        &cfg.eos_token_ids,
-        &a.data_args.tokenize_options(),
-        &mut report,
-    );
+    let mut samples = dataset::tokenize(&convs, &tok, &cfg.eos_token_ids, &a.data_args.tokenize_options(), &mut report);
     drop(convs);
     let report_path = a.data_args.report_path(a.out.join("bad-lines.jsonl"));
     report.check(a.data_args.max_bad_fraction, &report_path, rank == 0)?;
@@ -99,11 +79,7 @@ pub fn run(a: ExtractArgs) -> anyhow::Result<()> {
         samples.truncate(n);
     }
     if samples.is_empty() {
-        bail!(
-            "{}: no usable sample (see {})",
-            a.data.display(),
-            report_path.display()
-        );
+        bail!("{}: no usable sample (see {})", a.data.display(), report_path.display());
     }
     let template = writer::manifest_template(
         &a.target,

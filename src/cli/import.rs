@@ -40,10 +40,7 @@ pub fn run(a: ImportArgs) -> anyhow::Result<()> {
     for (c, finish) in &convs {
         let mut v = c.to_openai_json();
         if let Some(o) = v.as_object_mut() {
-            o.insert(
-                "meta".into(),
-                json!({"generator": "import", "finish_reason": finish}),
-            );
+            o.insert("meta".into(), json!({"generator": "import", "finish_reason": finish}));
         }
         truncated += usize::from(finish.as_deref() == Some("length"));
         text.push_str(&v.to_string());

@@ -2,11 +2,13 @@
 
 mod data_args;
 mod dist_selftest;
+mod export;
 mod extract;
 mod generate;
 mod import;
 mod launch;
 mod regenerate;
+mod train;
 mod vocab;
 
 use clap::{Parser, Subcommand};
@@ -40,6 +42,12 @@ enum Command {
     Vocab(vocab::VocabArgs),
     /// Frozen target forward over a dataset: aux + final hidden states into feature shards.
     Extract(extract::ExtractArgs),
+    /// Train a draft head on feature chunks (TTT-k forward KL; DDP under `launch` / torchrun).
+    Train(train::TrainArgs),
+    /// One TTT step on given head weights and features: losses, metrics, optionally gradients.
+    TrainStep(train::TrainStepArgs),
+    /// Write a checkpoint as a vLLM / SGLang head (validated before writing).
+    Export(export::ExportArgs),
 }
 
 /// Parses the command line and runs it.
@@ -54,5 +62,8 @@ pub fn main() -> anyhow::Result<()> {
         Command::Import(a) => import::run(a),
         Command::Vocab(a) => vocab::run(a),
         Command::Extract(a) => extract::run(a),
+        Command::Train(a) => train::run(a),
+        Command::TrainStep(a) => train::run_step(a),
+        Command::Export(a) => export::run(a),
     }
 }

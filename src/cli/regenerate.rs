@@ -77,22 +77,10 @@ pub fn run(a: RegenerateArgs) -> anyhow::Result<()> {
     // threshold is checked on the complete report afterwards, and before the run for the
     // parse-level bad lines.
     report.check(a.data_args.max_bad_fraction, &report_path, true)?;
-    let stats = regenerate(
-        model.as_ref(),
-        &tok,
-        &convs,
-        &a.out,
-        &opts,
-        &mut report,
-        device,
-    )?;
+    let stats = regenerate(model.as_ref(), &tok, &convs, &a.out, &opts, &mut report, device)?;
     report.check(a.data_args.max_bad_fraction, &report_path, true)?;
     if stats.written + stats.resumed == 0 {
-        bail!(
-            "{}: nothing was regenerated (see {})",
-            a.data.display(),
-            report_path.display()
-        );
+        bail!("{}: nothing was regenerated (see {})", a.data.display(), report_path.display());
     }
     println!(
         "regenerate: {} conversations written, {} already done, {} new tokens in {:.1} s ({:.1} tokens/s) -> {}",

@@ -41,20 +41,10 @@ pub fn run(a: VocabArgs) -> anyhow::Result<()> {
     let v = cfg.vocab_size as usize;
     let counts = if let Some(data) = &a.data {
         let (convs, mut report) = a.data_args.read(data)?;
-        let mut samples = dataset::tokenize(
-            &convs,
-            &tok,
-            &cfg.eos_token_ids,
-            &a.data_args.tokenize_options(),
-            &mut report,
-        );
+        let mut samples = dataset::tokenize(&convs, &tok, &cfg.eos_token_ids, &a.data_args.tokenize_options(), &mut report);
         let mut rp = a.out.clone().into_os_string();
         rp.push(".bad-lines.jsonl");
-        report.check(
-            a.data_args.max_bad_fraction,
-            &a.data_args.report_path(rp.into()),
-            true,
-        )?;
+        report.check(a.data_args.max_bad_fraction, &a.data_args.report_path(rp.into()), true)?;
         if let Some(n) = a.data_args.limit {
             samples.truncate(n);
         }
@@ -72,9 +62,7 @@ pub fn run(a: VocabArgs) -> anyhow::Result<()> {
                     cfg.config_hash
                 );
             }
-            let pairs = (0..chunk.num_samples())
-                .map(|i| chunk.tokens(i))
-                .collect::<crate::Result<Vec<_>>>()?;
+            let pairs = (0..chunk.num_samples()).map(|i| chunk.tokens(i)).collect::<crate::Result<Vec<_>>>()?;
             let c = vocab::count_tokens(pairs, v)?;
             counts.iter_mut().zip(c).for_each(|(a, b)| *a += b);
         }

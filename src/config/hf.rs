@@ -185,23 +185,10 @@ pub struct TargetConfig {
     pub bos_token_id: Option<i64>,
     /// Padding token id.
     pub pad_token_id: Option<i64>,
-    /// Hex xxh3 of the canonical config.json, recorded in shard manifests.
+    /// Hex xxh3-64 of the config.json bytes, recorded in shard manifests.
     pub config_hash: String,
     /// Where the config came from.
     pub source: PathBuf,
-}
-
-/// `v` with every object's keys sorted, so that the hash ignores key order and whitespace.
-fn canonical(v: &Value) -> Value {
-    match v {
-        Value::Object(m) => {
-            let mut keys: Vec<&String> = m.keys().collect();
-            keys.sort();
-            Value::Object(keys.into_iter().map(|k| (k.clone(), canonical(&m[k]))).collect())
-        }
-        Value::Array(a) => Value::Array(a.iter().map(canonical).collect()),
-        other => other.clone(),
-    }
 }
 
 fn token_ids(v: &Option<Value>) -> Vec<i64> {
@@ -228,7 +215,9 @@ impl TargetConfig {
     /// Resolves a config from its JSON text; `source` is only used in errors.
     pub fn from_json_str(text: &str, source: &Path) -> Result<Self> {
         let value: Value = serde_json::from_str(text).map_err(|e| Error::Json { path: source.to_path_buf(), source: e })?;
-        let config_hash = format!("{:016x}", xxhash_rust::xxh3::xxh3_64(canonical(&value).to_string().as_bytes()));
+        // The file's bytes: simple to reproduce from any language (tools writing shards in Python
+        // compute the same hash).
+        let config_hash = format!("{:016x}", xxhash_rust::xxh3::xxh3_64(text.as_bytes()));
         let top: HfConfig = serde_json::from_value(value).map_err(|e| Error::Json { path: source.to_path_buf(), source: e })?;
         resolve(&top, config_hash, source)
     }

@@ -87,10 +87,7 @@ pub enum BadKind {
 impl BadKind {
     /// The report's name for the kind.
     pub fn name(self) -> String {
-        serde_json::to_value(self)
-            .ok()
-            .and_then(|v| v.as_str().map(str::to_string))
-            .unwrap_or_default()
+        serde_json::to_value(self).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default()
     }
 }
 
@@ -121,11 +118,7 @@ pub struct Report {
 impl Report {
     /// Records a bad line.
     pub fn push(&mut self, line: usize, kind: BadKind, reason: impl Into<String>) {
-        self.bad.push(BadLine {
-            line,
-            kind,
-            reason: reason.into(),
-        });
+        self.bad.push(BadLine { line, kind, reason: reason.into() });
     }
 
     /// Sorts entries by line (stages add entries out of order).
@@ -156,25 +149,13 @@ impl Report {
 
     /// One line for the log: `3 of 20 lines bad (invalid_json 2, unknown_role 1)`.
     pub fn summary(&self) -> String {
-        let kinds: Vec<String> = self
-            .counts()
-            .iter()
-            .map(|(k, n)| format!("{} {n}", k.name()))
-            .collect();
-        let mut s = format!(
-            "{}: {} of {} lines bad",
-            self.path.display(),
-            self.bad.len(),
-            self.total
-        );
+        let kinds: Vec<String> = self.counts().iter().map(|(k, n)| format!("{} {n}", k.name())).collect();
+        let mut s = format!("{}: {} of {} lines bad", self.path.display(), self.bad.len(), self.total);
         if !kinds.is_empty() {
             s.push_str(&format!(" ({})", kinds.join(", ")));
         }
         if !self.truncated.is_empty() {
-            s.push_str(&format!(
-                ", {} truncated to --max-len",
-                self.truncated.len()
-            ));
+            s.push_str(&format!(", {} truncated to --max-len", self.truncated.len()));
         }
         s
     }
@@ -252,9 +233,7 @@ impl Role {
         Some(match s {
             "system" | "developer" => Role::System,
             "user" | "human" => Role::User,
-            "assistant" | "gpt" | "chatgpt" | "bard" | "bing" | "model" | "function_call" => {
-                Role::Assistant
-            }
+            "assistant" | "gpt" | "chatgpt" | "bard" | "bing" | "model" | "function_call" => Role::Assistant,
             "tool" | "function" | "ipython" | "observation" => Role::Tool,
             _ => return None,
         })
@@ -291,10 +270,7 @@ pub struct Message {
 impl Message {
     /// A text-only message.
     pub fn text(role: Role, text: impl Into<String>) -> Self {
-        Message {
-            role,
-            parts: vec![Part::Text(text.into())],
-        }
+        Message { role, parts: vec![Part::Text(text.into())] }
     }
 
     /// Whether any part is an image.
@@ -352,10 +328,7 @@ pub struct Conversation {
 impl Conversation {
     /// The messages as the chat template sees them.
     pub fn template_messages(&self) -> Vec<Json> {
-        self.messages
-            .iter()
-            .map(Message::to_template_json)
-            .collect()
+        self.messages.iter().map(Message::to_template_json).collect()
     }
 
     /// Whether any message holds an image.
@@ -407,10 +380,7 @@ pub struct ReadOptions {
 
 impl Default for ReadOptions {
     fn default() -> Self {
-        ReadOptions {
-            base_dir: None,
-            max_line_bytes: DEFAULT_MAX_LINE_BYTES,
-        }
+        ReadOptions { base_dir: None, max_line_bytes: DEFAULT_MAX_LINE_BYTES }
     }
 }
 
@@ -488,13 +458,9 @@ fn parse_image(src: &str, base: &Path) -> std::result::Result<ImageRef, LineErro
             return Err((BadKind::BadImage, "data URI without a `,`".into()));
         };
         if !meta.ends_with(";base64") {
-            return Err((
-                BadKind::BadImage,
-                format!("data URI `data:{meta},…` is not base64"),
-            ));
+            return Err((BadKind::BadImage, format!("data URI `data:{meta},…` is not base64")));
         }
-        let bytes =
-            decode_base64(payload).map_err(|e| (BadKind::BadImage, format!("data URI: {e}")))?;
+        let bytes = decode_base64(payload).map_err(|e| (BadKind::BadImage, format!("data URI: {e}")))?;
         if image_format(&bytes).is_none() {
             return Err((
                 BadKind::BadImage,
@@ -508,42 +474,21 @@ fn parse_image(src: &str, base: &Path) -> std::result::Result<ImageRef, LineErro
         return Ok(ImageRef::DataUri(src.to_string()));
     }
     if src.starts_with("http://") || src.starts_with("https://") {
-        return Err((
-            BadKind::BadImage,
-            format!("remote image `{src}`: nothing is downloaded at run time; save it and give its path"),
-        ));
+        return Err((BadKind::BadImage, format!("remote image `{src}`: nothing is downloaded at run time; save it and give its path")));
     }
     let path = PathBuf::from(src.strip_prefix("file://").unwrap_or(src));
-    let path = if path.is_absolute() {
-        path
-    } else {
-        base.join(path)
-    };
+    let path = if path.is_absolute() { path } else { base.join(path) };
     let mut f = match std::fs::File::open(&path) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Err((
-                BadKind::MissingImage,
-                format!("image `{src}` not found (looked at {})", path.display()),
-            ))
+            return Err((BadKind::MissingImage, format!("image `{src}` not found (looked at {})", path.display())))
         }
-        Err(e) => {
-            return Err((
-                BadKind::MissingImage,
-                format!("image `{src}` ({}) cannot be read: {e}", path.display()),
-            ))
-        }
+        Err(e) => return Err((BadKind::MissingImage, format!("image `{src}` ({}) cannot be read: {e}", path.display()))),
     };
     let mut head = [0u8; 16];
     let n = std::io::Read::read(&mut f, &mut head).unwrap_or(0);
     if image_format(&head[..n]).is_none() {
-        return Err((
-            BadKind::BadImage,
-            format!(
-                "`{}` is not a PNG, JPEG, GIF, WebP, BMP or TIFF image",
-                path.display()
-            ),
-        ));
+        return Err((BadKind::BadImage, format!("`{}` is not a PNG, JPEG, GIF, WebP, BMP or TIFF image", path.display())));
     }
     Ok(ImageRef::Path(path))
 }
@@ -563,13 +508,9 @@ fn parse_part(p: &Json, base: &Path) -> std::result::Result<Part, LineError> {
     match ty {
         Some("text") | Some("input_text") => match p.get("text") {
             Some(Json::String(s)) => Ok(Part::Text(s.clone())),
-            other => Err((
-                BadKind::BadMessage,
-                format!(
-                    "text part without a string `text` (saw {})",
-                    other.map_or("nothing".into(), short)
-                ),
-            )),
+            other => {
+                Err((BadKind::BadMessage, format!("text part without a string `text` (saw {})", other.map_or("nothing".into(), short))))
+            }
         },
         Some("image_url") | Some("image") | Some("input_image") => {
             let src = str_field(p.get("image_url"))
@@ -578,45 +519,27 @@ fn parse_part(p: &Json, base: &Path) -> std::result::Result<Part, LineError> {
                 .or_else(|| str_field(p.get("url")));
             match src {
                 Some(s) => parse_image(&s, base).map(Part::Image),
-                None => Err((
-                    BadKind::BadMessage,
-                    format!("image part without a path or URL: {}", short(p)),
-                )),
+                None => Err((BadKind::BadMessage, format!("image part without a path or URL: {}", short(p)))),
             }
         }
-        Some(other) => Err((
-            BadKind::UnknownPart,
-            format!("content part of unknown type `{other}` (known: text, image_url, image)"),
-        )),
-        None => Err((
-            BadKind::UnknownPart,
-            format!("content part without a `type`: {}", short(p)),
-        )),
+        Some(other) => Err((BadKind::UnknownPart, format!("content part of unknown type `{other}` (known: text, image_url, image)"))),
+        None => Err((BadKind::UnknownPart, format!("content part without a `type`: {}", short(p)))),
     }
 }
 
 fn parse_message(m: &Json, i: usize, base: &Path) -> std::result::Result<Message, LineError> {
     let Json::Object(o) = m else {
-        return Err((
-            BadKind::BadMessage,
-            format!("message {i} is not an object: {}", short(m)),
-        ));
+        return Err((BadKind::BadMessage, format!("message {i} is not an object: {}", short(m))));
     };
     // ShareGPT spells role/content as from/value.
-    let (role_v, content_v) = if o.contains_key("from") || o.contains_key("value") {
-        (o.get("from"), o.get("value"))
-    } else {
-        (o.get("role"), o.get("content"))
-    };
+    let (role_v, content_v) =
+        if o.contains_key("from") || o.contains_key("value") { (o.get("from"), o.get("value")) } else { (o.get("role"), o.get("content")) };
     let role_s = match role_v {
         Some(Json::String(s)) => s.as_str(),
         other => {
             return Err((
                 BadKind::BadMessage,
-                format!(
-                    "message {i} has no string `role`/`from` (saw {})",
-                    other.map_or("nothing".into(), short)
-                ),
+                format!("message {i} has no string `role`/`from` (saw {})", other.map_or("nothing".into(), short)),
             ))
         }
     };
@@ -638,10 +561,7 @@ fn parse_message(m: &Json, i: usize, base: &Path) -> std::result::Result<Message
         other => {
             return Err((
                 BadKind::BadMessage,
-                format!(
-                    "message {i} ({role_s}) has no string or list `content`/`value` (saw {})",
-                    other.map_or("nothing".into(), short)
-                ),
+                format!("message {i} ({role_s}) has no string or list `content`/`value` (saw {})", other.map_or("nothing".into(), short)),
             ))
         }
     };
@@ -652,46 +572,22 @@ fn parse_message(m: &Json, i: usize, base: &Path) -> std::result::Result<Message
 ///
 /// # Errors
 /// The [`BadKind`] and a reason naming the value seen.
-pub fn parse_line(
-    text: &str,
-    line: usize,
-    base: &Path,
-) -> std::result::Result<Conversation, (BadKind, String)> {
-    let v: Json = serde_json::from_str(text)
-        .map_err(|e| (BadKind::InvalidJson, format!("invalid JSON: {e}")))?;
+pub fn parse_line(text: &str, line: usize, base: &Path) -> std::result::Result<Conversation, (BadKind, String)> {
+    let v: Json = serde_json::from_str(text).map_err(|e| (BadKind::InvalidJson, format!("invalid JSON: {e}")))?;
     let Json::Object(obj) = &v else {
-        return Err((
-            BadKind::NotAnObject,
-            format!("expected a JSON object, saw {}", short(&v)),
-        ));
+        return Err((BadKind::NotAnObject, format!("expected a JSON object, saw {}", short(&v))));
     };
-    let conv = ["messages", "conversations", "conversation"]
-        .iter()
-        .find_map(|k| obj.get(*k).map(|c| (*k, c)));
+    let conv = ["messages", "conversations", "conversation"].iter().find_map(|k| obj.get(*k).map(|c| (*k, c)));
     let list = match conv {
         Some((_, Json::Array(a))) => a,
-        Some((k, other)) => {
-            return Err((
-                BadKind::NoConversation,
-                format!("`{k}` is not an array (saw {})", short(other)),
-            ))
-        }
+        Some((k, other)) => return Err((BadKind::NoConversation, format!("`{k}` is not an array (saw {})", short(other)))),
         None => {
             let keys: Vec<&str> = obj.keys().map(String::as_str).collect();
-            return Err((
-                BadKind::NoConversation,
-                format!(
-                    "no `messages` or `conversations` array (keys: {})",
-                    keys.join(", ")
-                ),
-            ));
+            return Err((BadKind::NoConversation, format!("no `messages` or `conversations` array (keys: {})", keys.join(", "))));
         }
     };
     if list.is_empty() {
-        return Err((
-            BadKind::EmptyConversation,
-            "the conversation is empty".into(),
-        ));
+        return Err((BadKind::EmptyConversation, "the conversation is empty".into()));
     }
     let mut messages = Vec::with_capacity(list.len() + 1);
     // ShareGPT variants put the system prompt beside the turns.
@@ -706,12 +602,7 @@ pub fn parse_line(
         Some(Json::Number(n)) => n.to_string(),
         _ => format!("line-{line}"),
     };
-    Ok(Conversation {
-        line,
-        id,
-        messages,
-        tools: obj.get("tools").filter(|t| !t.is_null()).cloned(),
-    })
+    Ok(Conversation { line, id, messages, tools: obj.get("tools").filter(|t| !t.is_null()).cloned() })
 }
 
 /// Reads a JSONL dataset. Blank lines are ignored (not counted); every other line either becomes
@@ -721,24 +612,15 @@ pub fn parse_line(
 /// Only when the file cannot be read; bad content never fails here.
 pub fn read_jsonl(path: &Path, opts: &ReadOptions) -> Result<(Vec<Conversation>, Report)> {
     let f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-    let base = opts.base_dir.clone().unwrap_or_else(|| {
-        path.parent()
-            .map(Path::to_path_buf)
-            .unwrap_or_else(|| PathBuf::from("."))
-    });
+    let base = opts.base_dir.clone().unwrap_or_else(|| path.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from(".")));
     let mut reader = std::io::BufReader::new(f);
-    let mut report = Report {
-        path: path.to_path_buf(),
-        ..Default::default()
-    };
+    let mut report = Report { path: path.to_path_buf(), ..Default::default() };
     let mut raw = Vec::new();
     let mut lines: Vec<(usize, String)> = Vec::new();
     let mut line_no = 0usize;
     loop {
         raw.clear();
-        let n = reader
-            .read_until(b'\n', &mut raw)
-            .map_err(|e| Error::io(path, e))?;
+        let n = reader.read_until(b'\n', &mut raw).map_err(|e| Error::io(path, e))?;
         if n == 0 {
             break;
         }
@@ -751,11 +633,7 @@ pub fn read_jsonl(path: &Path, opts: &ReadOptions) -> Result<(Vec<Conversation>,
             report.push(
                 line_no,
                 BadKind::OverLong,
-                format!(
-                    "line is {} bytes, above the {}-byte line limit",
-                    raw.len(),
-                    opts.max_line_bytes
-                ),
+                format!("line is {} bytes, above the {}-byte line limit", raw.len(), opts.max_line_bytes),
             );
             continue;
         }
@@ -765,21 +643,15 @@ pub fn read_jsonl(path: &Path, opts: &ReadOptions) -> Result<(Vec<Conversation>,
         }
     }
     // Parsing (and decoding inline images) is independent per line.
-    let parsed: Vec<(usize, std::result::Result<Conversation, LineError>)> = lines
-        .into_par_iter()
-        .map(|(n, s)| (n, parse_line(&s, n, &base)))
-        .collect();
+    let parsed: Vec<(usize, std::result::Result<Conversation, LineError>)> =
+        lines.into_par_iter().map(|(n, s)| (n, parse_line(&s, n, &base))).collect();
     let mut seen = HashSet::new();
     let mut convs = Vec::with_capacity(parsed.len());
     for (n, r) in parsed {
         match r {
             Ok(c) => {
                 if !seen.insert(c.id.clone()) {
-                    report.push(
-                        n,
-                        BadKind::DuplicateId,
-                        format!("id `{}` already used by an earlier line", c.id),
-                    );
+                    report.push(n, BadKind::DuplicateId, format!("id `{}` already used by an earlier line", c.id));
                 } else {
                     convs.push(c);
                 }
@@ -816,12 +688,7 @@ pub struct TokenizeOptions {
 
 impl Default for TokenizeOptions {
     fn default() -> Self {
-        TokenizeOptions {
-            max_len: 2048,
-            truncation: Truncation::Truncate,
-            multimodal: false,
-            template_vars: serde_json::Map::new(),
-        }
+        TokenizeOptions { max_len: 2048, truncation: Truncation::Truncate, multimodal: false, template_vars: serde_json::Map::new() }
     }
 }
 
@@ -859,15 +726,7 @@ pub fn stop_strings(tok: &Tokenizer, eos_ids: &[i64]) -> Vec<String> {
             add(s);
         }
     }
-    for s in [
-        "<|im_end|>",
-        "<|eot_id|>",
-        "<|end|>",
-        "<end_of_turn>",
-        "<|endoftext|>",
-        "</s>",
-        "<|end_of_text|>",
-    ] {
+    for s in ["<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "</s>", "<|end_of_text|>"] {
         if tok.token_to_id(s).is_some() {
             add(s.to_string());
         }
@@ -912,12 +771,7 @@ fn assistant_spans(
     let render = |msgs: &[Json], gen: bool| {
         tok.apply_chat_template_with(
             &Json::Array(msgs.to_vec()),
-            RenderOptions {
-                add_generation_prompt: gen,
-                tools: tools.cloned(),
-                extra: vars.clone(),
-                ..Default::default()
-            },
+            RenderOptions { add_generation_prompt: gen, tools: tools.cloned(), extra: vars.clone(), ..Default::default() },
         )
         .map_err(|e| (BadKind::Template, e.to_string()))
     };
@@ -931,11 +785,8 @@ fn assistant_spans(
         let s = render(&messages[..=j], false)?;
         let start = common_prefix(&p, &s);
         let turn = &s[start..];
-        let end = stops
-            .iter()
-            .filter_map(|st| turn.rfind(st.as_str()).map(|i| i + st.len()))
-            .max()
-            .unwrap_or_else(|| turn.trim_end().len());
+        let end =
+            stops.iter().filter_map(|st| turn.rfind(st.as_str()).map(|i| i + st.len())).max().unwrap_or_else(|| turn.trim_end().len());
         let (start, end) = (start, start + end);
         if full.as_bytes().starts_with(&s.as_bytes()[..end]) && start >= cursor {
             spans.push((start, end));
@@ -971,10 +822,7 @@ pub fn tokenize_conversation(
     stops: &[String],
 ) -> std::result::Result<(Vec<i64>, Vec<u8>), (BadKind, String)> {
     if conv.has_images() && !opts.multimodal {
-        return Err((
-            BadKind::ImagesUnsupported,
-            "the conversation has images but the target is text-only".into(),
-        ));
+        return Err((BadKind::ImagesUnsupported, "the conversation has images but the target is text-only".into()));
     }
     let messages = conv.template_messages();
     let full = tok
@@ -988,17 +836,8 @@ pub fn tokenize_conversation(
             },
         )
         .map_err(|e| (BadKind::Template, e.to_string()))?;
-    let spans = assistant_spans(
-        tok,
-        &messages,
-        conv.tools.as_ref(),
-        &opts.template_vars,
-        stops,
-        &full,
-    )?;
-    let (ids, offsets) = tok
-        .encode_with_offsets(&full)
-        .map_err(|e| (BadKind::Template, e.to_string()))?;
+    let spans = assistant_spans(tok, &messages, conv.tools.as_ref(), &opts.template_vars, stops, &full)?;
+    let (ids, offsets) = tok.encode_with_offsets(&full).map_err(|e| (BadKind::Template, e.to_string()))?;
     let mut mask = vec![0u8; ids.len()];
     let mut s = 0usize;
     for (i, &(a, b)) in offsets.iter().enumerate() {
@@ -1017,51 +856,33 @@ pub fn tokenize_conversation(
 
 /// Tokenises conversations into samples (in parallel, order kept), recording bad ones in
 /// `report`. Conversations without an assistant turn are `no_assistant`.
-pub fn tokenize(
-    convs: &[Conversation],
-    tok: &Tokenizer,
-    eos_ids: &[i64],
-    opts: &TokenizeOptions,
-    report: &mut Report,
-) -> Vec<Sample> {
+pub fn tokenize(convs: &[Conversation], tok: &Tokenizer, eos_ids: &[i64], opts: &TokenizeOptions, report: &mut Report) -> Vec<Sample> {
     let stops = stop_strings(tok, eos_ids);
     let results: Vec<std::result::Result<(Vec<i64>, Vec<u8>, bool), LineError>> = convs
         .par_iter()
         .map(|c| {
             if !c.messages.iter().any(|m| m.role == Role::Assistant) {
-                return Err((
-                    BadKind::NoAssistant,
-                    "no assistant turn: nothing to train on (run `regenerate` first)".into(),
-                ));
+                return Err((BadKind::NoAssistant, "no assistant turn: nothing to train on (run `regenerate` first)".into()));
             }
             let (mut ids, mut mask) = tokenize_conversation(tok, c, opts, &stops)?;
             let n = ids.len();
             let mut truncated = false;
             if n > opts.max_len {
-                let kept = mask[..opts.max_len]
-                    .iter()
-                    .map(|&m| m as usize)
-                    .sum::<usize>();
+                let kept = mask[..opts.max_len].iter().map(|&m| m as usize).sum::<usize>();
                 if opts.truncation == Truncation::Drop || kept == 0 {
                     let why = if opts.truncation == Truncation::Drop {
                         "--truncation drop"
                     } else {
                         "no assistant token would survive truncation"
                     };
-                    return Err((
-                        BadKind::OverLong,
-                        format!("{n} tokens, above --max-len {} ({why})", opts.max_len),
-                    ));
+                    return Err((BadKind::OverLong, format!("{n} tokens, above --max-len {} ({why})", opts.max_len)));
                 }
                 ids.truncate(opts.max_len);
                 mask.truncate(opts.max_len);
                 truncated = true;
             }
             if mask.iter().all(|&m| m == 0) {
-                return Err((
-                    BadKind::NoAssistant,
-                    "no assistant token after rendering".into(),
-                ));
+                return Err((BadKind::NoAssistant, "no assistant token after rendering".into()));
             }
             Ok((ids, mask, truncated))
         })
@@ -1073,14 +894,7 @@ pub fn tokenize(
                 if truncated {
                     report.truncated.push(c.line);
                 }
-                out.push(Sample {
-                    index: out.len(),
-                    line: c.line,
-                    id: c.id.clone(),
-                    input_ids,
-                    loss_mask,
-                    truncated,
-                });
+                out.push(Sample { index: out.len(), line: c.line, id: c.id.clone(), input_ids, loss_mask, truncated });
             }
             Err((k, r)) => report.push(c.line, k, r),
         }
@@ -1140,18 +954,9 @@ mod tests {
         assert_eq!(c.id, "7");
         assert_eq!(
             c.messages,
-            vec![
-                Message::text(Role::System, "S"),
-                Message::text(Role::User, "hi"),
-                Message::text(Role::Assistant, "yo")
-            ]
+            vec![Message::text(Role::System, "S"), Message::text(Role::User, "hi"), Message::text(Role::Assistant, "yo")]
         );
-        let e = parse_line(
-            r#"{"messages": [{"role": "wizard", "content": "x"}]}"#,
-            1,
-            Path::new("."),
-        )
-        .unwrap_err();
+        let e = parse_line(r#"{"messages": [{"role": "wizard", "content": "x"}]}"#, 1, Path::new(".")).unwrap_err();
         assert_eq!(e.0, BadKind::UnknownRole);
         assert!(e.1.contains("wizard"), "{}", e.1);
     }

@@ -26,11 +26,7 @@ fn messages_of(v: &Json) -> Option<&Json> {
     v.get("messages")
         .or_else(|| v.get("body").and_then(|b| b.get("messages")))
         .or_else(|| v.get("request").and_then(|r| r.get("messages")))
-        .or_else(|| {
-            v.get("request")
-                .and_then(|r| r.get("body"))
-                .and_then(|b| b.get("messages"))
-        })
+        .or_else(|| v.get("request").and_then(|r| r.get("body")).and_then(|b| b.get("messages")))
         .filter(|m| m.is_array())
 }
 
@@ -60,9 +56,7 @@ pub fn read_requests(path: &Path) -> Result<HashMap<String, Json>> {
             return Err(Error::Dataset {
                 path: path.to_path_buf(),
                 line: n + 1,
-                message:
-                    "a request needs `custom_id` (or `id`) and `body.messages` (or `messages`)"
-                        .into(),
+                message: "a request needs `custom_id` (or `id`) and `body.messages` (or `messages`)".into(),
             });
         };
         out.insert(k, m.clone());
@@ -71,19 +65,12 @@ pub fn read_requests(path: &Path) -> Result<HashMap<String, Json>> {
 }
 
 /// One response line to a dataset line `{"id", "messages"}`, or the reason it is bad.
-fn convert(
-    v: &Json,
-    line: usize,
-    requests: &HashMap<String, Json>,
-) -> std::result::Result<(Json, Option<String>), (BadKind, String)> {
+fn convert(v: &Json, line: usize, requests: &HashMap<String, Json>) -> std::result::Result<(Json, Option<String>), (BadKind, String)> {
     if let Some(e) = v.get("error").filter(|e| !e.is_null()) {
         return Err((BadKind::FailedResponse, format!("the request failed: {e}")));
     }
     let resp = v.get("response").filter(|r| !r.is_null());
-    if let Some(code) = resp
-        .and_then(|r| r.get("status_code"))
-        .and_then(Json::as_i64)
-    {
+    if let Some(code) = resp.and_then(|r| r.get("status_code")).and_then(Json::as_i64) {
         if code != 200 {
             return Err((BadKind::FailedResponse, format!("status_code {code}")));
         }
@@ -92,42 +79,27 @@ fn convert(
     let choice = completion
         .get("choices")
         .and_then(|c| c.get(0))
-        .ok_or_else(|| {
-            (
-                BadKind::FailedResponse,
-                "no `choices[0]` in the response".to_string(),
-            )
-        })?;
+        .ok_or_else(|| (BadKind::FailedResponse, "no `choices[0]` in the response".to_string()))?;
     let answer = match choice.get("message").and_then(|m| m.get("content")) {
         Some(Json::String(s)) => s.clone(),
         other => {
             return Err((
                 BadKind::FailedResponse,
-                format!(
-                    "`choices[0].message.content` is not a string (saw {})",
-                    other.map_or("nothing".into(), Json::to_string)
-                ),
+                format!("`choices[0].message.content` is not a string (saw {})", other.map_or("nothing".into(), Json::to_string)),
             ))
         }
     };
-    let finish = choice
-        .get("finish_reason")
-        .and_then(Json::as_str)
-        .map(str::to_string);
+    let finish = choice.get("finish_reason").and_then(Json::as_str).map(str::to_string);
     let key = key_of(v);
-    let prompt = messages_of(v)
-        .cloned()
-        .or_else(|| key.as_ref().and_then(|k| requests.get(k)).cloned())
-        .ok_or_else(|| {
-            (
-                BadKind::NoConversation,
-                format!(
-                    "no prompt: the line has no `messages` and {} (give --requests with the batch input, joined on custom_id)",
-                    key.as_ref()
-                        .map_or("no custom_id".to_string(), |k| format!("custom_id `{k}` is not in --requests"))
-                ),
-            )
-        })?;
+    let prompt = messages_of(v).cloned().or_else(|| key.as_ref().and_then(|k| requests.get(k)).cloned()).ok_or_else(|| {
+        (
+            BadKind::NoConversation,
+            format!(
+                "no prompt: the line has no `messages` and {} (give --requests with the batch input, joined on custom_id)",
+                key.as_ref().map_or("no custom_id".to_string(), |k| format!("custom_id `{k}` is not in --requests"))
+            ),
+        )
+    })?;
     let mut msgs = prompt.as_array().cloned().unwrap_or_default();
     while msgs
         .last()
@@ -144,23 +116,14 @@ fn convert(
 
 /// Imports `responses` (joined with `requests` when given). Returns the conversations in
 /// response order, each with the server's `finish_reason`, and the report of bad lines.
-pub fn import(
-    responses: &Path,
-    requests: Option<&Path>,
-) -> Result<(Vec<(Conversation, Option<String>)>, Report)> {
+pub fn import(responses: &Path, requests: Option<&Path>) -> Result<(Vec<(Conversation, Option<String>)>, Report)> {
     let reqs = match requests {
         Some(p) => read_requests(p)?,
         None => HashMap::new(),
     };
-    let base = responses
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| ".".into());
+    let base = responses.parent().map(Path::to_path_buf).unwrap_or_else(|| ".".into());
     let f = std::fs::File::open(responses).map_err(|e| Error::io(responses, e))?;
-    let mut report = Report {
-        path: responses.to_path_buf(),
-        ..Default::default()
-    };
+    let mut report = Report { path: responses.to_path_buf(), ..Default::default() };
     let mut out = Vec::new();
     let mut seen = std::collections::HashSet::new();
     let mut reader = std::io::BufReader::new(f);
@@ -168,11 +131,7 @@ pub fn import(
     let mut n = 0usize;
     loop {
         raw.clear();
-        if reader
-            .read_until(b'\n', &mut raw)
-            .map_err(|e| Error::io(responses, e))?
-            == 0
-        {
+        if reader.read_until(b'\n', &mut raw).map_err(|e| Error::io(responses, e))? == 0 {
             break;
         }
         n += 1;
@@ -203,11 +162,7 @@ pub fn import(
                 if seen.insert(c.id.clone()) {
                     out.push((c, finish));
                 } else {
-                    report.push(
-                        n,
-                        BadKind::DuplicateId,
-                        format!("id `{}` already imported from an earlier line", c.id),
-                    );
+                    report.push(n, BadKind::DuplicateId, format!("id `{}` already imported from an earlier line", c.id));
                 }
             }
             Err((k, r)) => report.push(n, k, r),

@@ -79,22 +79,14 @@ impl Tokenizer {
     /// The loss mask is derived from these ranges: a token belongs to an assistant turn when its
     /// bytes overlap the turn's span in the rendered conversation.
     pub fn encode_with_offsets(&self, text: &str) -> Result<(Vec<i64>, Vec<(usize, usize)>)> {
-        let enc = self
-            .inner
-            .encode(text, false)
-            .map_err(|e| Error::Tokenizer {
-                path: self.path.clone(),
-                message: e.to_string(),
-            })?;
+        let enc = self.inner.encode(text, false).map_err(|e| Error::Tokenizer { path: self.path.clone(), message: e.to_string() })?;
         let ids = enc.get_ids().iter().map(|&i| i as i64).collect();
         Ok((ids, enc.get_offsets().to_vec()))
     }
 
     /// The string of token `id`, if it exists.
     pub fn id_to_token(&self, id: i64) -> Option<String> {
-        u32::try_from(id)
-            .ok()
-            .and_then(|i| self.inner.id_to_token(i))
+        u32::try_from(id).ok().and_then(|i| self.inner.id_to_token(i))
     }
 
     /// Added tokens flagged `special` (`<|im_start|>`, `<|im_end|>`, ...), sorted by id.

@@ -126,20 +126,13 @@ impl Manifest {
     pub fn read(path: &Path) -> Result<Self> {
         let m: Manifest = read_json(path)?;
         if m.format != FORMAT {
-            return Err(Error::config(
-                path,
-                "format",
-                format!("is `{}`, expected `{FORMAT}`", m.format),
-            ));
+            return Err(Error::config(path, "format", format!("is `{}`, expected `{FORMAT}`", m.format)));
         }
         if m.version != VERSION {
             return Err(Error::config(
                 path,
                 "version",
-                format!(
-                    "is {}, this build reads version {VERSION} (re-extract the chunk)",
-                    m.version
-                ),
+                format!("is {}, this build reads version {VERSION} (re-extract the chunk)", m.version),
             ));
         }
         Ok(m)
@@ -147,10 +140,7 @@ impl Manifest {
 
     /// Writes it atomically.
     pub fn write(&self, path: &Path) -> Result<()> {
-        let text = serde_json::to_string_pretty(self).map_err(|e| Error::Json {
-            path: path.to_path_buf(),
-            source: e,
-        })?;
+        let text = serde_json::to_string_pretty(self).map_err(|e| Error::Json { path: path.to_path_buf(), source: e })?;
         write_atomic(path, text.as_bytes())
     }
 
@@ -205,10 +195,7 @@ pub fn merge(dir: &Path) -> Result<Manifest> {
     }
     ranks.sort_by(|a, b| a.0.cmp(&b.0));
     let Some((_, first)) = ranks.first() else {
-        return Err(Error::Shard {
-            path: dir.join(MANIFEST),
-            reason: "no rank manifest to merge".into(),
-        });
+        return Err(Error::Shard { path: dir.join(MANIFEST), reason: "no rank manifest to merge".into() });
     };
     let mut merged = first.clone();
     merged.rank = None;
@@ -220,11 +207,7 @@ pub fn merge(dir: &Path) -> Result<Manifest> {
     for (p, m) in &ranks {
         first.check_same_run(m, p)?;
         if m.rank.is_some_and(|r| r >= world) {
-            return Err(Error::config(
-                p,
-                "rank",
-                format!("is {:?} but the run has world_size {world}", m.rank),
-            ));
+            return Err(Error::config(p, "rank", format!("is {:?} but the run has world_size {world}", m.rank)));
         }
         merged.shards.extend(m.shards.iter().cloned());
         merged.skipped_nonfinite.extend(&m.skipped_nonfinite);

@@ -13,9 +13,7 @@ pub mod reader;
 pub mod writer;
 
 pub use manifest::{Manifest, RunInfo, ShardEntry, TargetInfo};
-pub use reader::{
-    load_batch, plan_batches, Batch, BatchOptions, BatchSpec, Chunk, Prefetcher, SampleRef,
-};
+pub use reader::{load_batch, plan_batches, Batch, BatchOptions, BatchSpec, Chunk, Prefetcher, SampleRef};
 pub use writer::{ExtractOptions, ExtractPlan, ExtractStats};
 
 /// The default aux ids for a target of `num_layers` decoder layers: `[2, L/2, L-3]`, vLLM's and

@@ -61,28 +61,18 @@ pub struct Chunk {
 }
 
 fn shard_err(path: &Path, reason: impl Into<String>) -> Error {
-    Error::Shard {
-        path: path.to_path_buf(),
-        reason: reason.into(),
-    }
+    Error::Shard { path: path.to_path_buf(), reason: reason.into() }
 }
 
 fn read_i64s(f: &SafetensorsFile, name: &str) -> Result<Vec<i64>> {
-    let b = f
-        .bytes(name)
-        .ok_or_else(|| shard_err(f.path(), format!("tensor `{name}` is missing")))?;
-    Ok(b.chunks_exact(8)
-        .map(|c| i64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
-        .collect())
+    let b = f.bytes(name).ok_or_else(|| shard_err(f.path(), format!("tensor `{name}` is missing")))?;
+    Ok(b.chunks_exact(8).map(|c| i64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]])).collect())
 }
 
 fn expect(f: &SafetensorsFile, name: &str, dtype: Dtype, shape: &[i64]) -> Result<()> {
     match (f.dtype(name), f.shape(name)) {
         (Some(d), Some(s)) if d == dtype && s == shape => Ok(()),
-        (Some(d), Some(s)) => Err(shard_err(
-            f.path(),
-            format!("tensor `{name}` is {d:?} {s:?}, expected {dtype:?} {shape:?}"),
-        )),
+        (Some(d), Some(s)) => Err(shard_err(f.path(), format!("tensor `{name}` is {d:?} {s:?}, expected {dtype:?} {shape:?}"))),
         _ => Err(shard_err(f.path(), format!("tensor `{name}` is missing"))),
     }
 }
@@ -94,13 +84,8 @@ impl Chunk {
     pub fn open(dir: &Path) -> Result<Chunk> {
         let mpath = dir.join(MANIFEST);
         let manifest = Manifest::read(&mpath)?;
-        let kind = kind_from_name(&manifest.dtype).ok_or_else(|| {
-            Error::config(
-                &mpath,
-                "dtype",
-                format!("is `{}`, expected bf16, f16 or f32", manifest.dtype),
-            )
-        })?;
+        let kind = kind_from_name(&manifest.dtype)
+            .ok_or_else(|| Error::config(&mpath, "dtype", format!("is `{}`, expected bf16, f16 or f32", manifest.dtype)))?;
         if !manifest.complete {
             tracing::warn!(
                 dir = %dir.display(),
@@ -123,10 +108,7 @@ impl Chunk {
                 if size != e.bytes {
                     return Err(shard_err(
                         &path,
-                        format!(
-                            "is {size} bytes but the manifest lists {} bytes (truncated or overwritten)",
-                            e.bytes
-                        ),
+                        format!("is {size} bytes but the manifest lists {} bytes (truncated or overwritten)", e.bytes),
                     ));
                 }
                 // SAFETY: read-only map of a file nobody writes once it is listed (shards are
@@ -136,10 +118,7 @@ impl Chunk {
                 if h != e.xxh3 {
                     return Err(shard_err(
                         &path,
-                        format!(
-                            "checksum mismatch: xxh3 is {h}, the manifest lists {} (the file is corrupt)",
-                            e.xxh3
-                        ),
+                        format!("checksum mismatch: xxh3 is {h}, the manifest lists {} (the file is corrupt)", e.xxh3),
                     ));
                 }
                 drop(map);
@@ -154,14 +133,8 @@ impl Chunk {
                 expect(&f, "sample_index", Dtype::I64, &[s])?;
                 let offsets = read_i64s(&f, "offsets")?;
                 let index = read_i64s(&f, "sample_index")?;
-                if offsets.first() != Some(&0)
-                    || offsets.last() != Some(&n)
-                    || offsets.windows(2).any(|w| w[1] < w[0])
-                {
-                    return Err(shard_err(
-                        &path,
-                        format!("offsets must rise from 0 to {n}; saw {:?}…", &offsets[..offsets.len().min(8)]),
-                    ));
+                if offsets.first() != Some(&0) || offsets.last() != Some(&n) || offsets.windows(2).any(|w| w[1] < w[0]) {
+                    return Err(shard_err(&path, format!("offsets must rise from 0 to {n}; saw {:?}…", &offsets[..offsets.len().min(8)])));
                 }
                 let locs = (0..e.samples)
                     .map(|i| SampleLoc {
@@ -171,14 +144,7 @@ impl Chunk {
                         index: index[i],
                     })
                     .collect();
-                Ok((
-                    Shard {
-                        file: f,
-                        aux_row: aux_width as usize * elt,
-                        last_row: hidden as usize * elt,
-                    },
-                    locs,
-                ))
+                Ok((Shard { file: f, aux_row: aux_width as usize * elt, last_row: hidden as usize * elt }, locs))
             })
             .collect();
         let mut shards = Vec::with_capacity(opened.len());
@@ -191,13 +157,7 @@ impl Chunk {
             }));
             shards.push(shard);
         }
-        Ok(Chunk {
-            dir: dir.to_path_buf(),
-            manifest,
-            kind,
-            shards,
-            samples,
-        })
+        Ok(Chunk { dir: dir.to_path_buf(), manifest, kind, shards, samples })
     }
 
     /// The chunk's manifest (target config hash, aux ids, hidden size, counts).
@@ -234,12 +194,8 @@ impl Chunk {
     pub fn tokens(&self, i: usize) -> Result<(&[i64], &[u8])> {
         let loc = self.loc(i)?;
         let f = &self.shards[loc.shard as usize].file;
-        let ids = f
-            .bytes("input_ids")
-            .ok_or_else(|| shard_err(f.path(), "tensor `input_ids` is missing"))?;
-        let mask = f
-            .bytes("loss_mask")
-            .ok_or_else(|| shard_err(f.path(), "tensor `loss_mask` is missing"))?;
+        let ids = f.bytes("input_ids").ok_or_else(|| shard_err(f.path(), "tensor `input_ids` is missing"))?;
+        let mask = f.bytes("loss_mask").ok_or_else(|| shard_err(f.path(), "tensor `loss_mask` is missing"))?;
         let ids = &ids[loc.start * 8..(loc.start + loc.len) * 8];
         // SAFETY: the mmap is page-aligned and safetensors data offsets are multiples of the
         // dtype size from an 8-byte-aligned header end (the writer serialises i64 first, at
@@ -252,13 +208,10 @@ impl Chunk {
     }
 
     fn loc(&self, i: usize) -> Result<SampleLoc> {
-        self.samples.get(i).copied().ok_or_else(|| {
-            Error::Input(format!(
-                "sample {i} out of range: chunk {} has {}",
-                self.dir.display(),
-                self.samples.len()
-            ))
-        })
+        self.samples
+            .get(i)
+            .copied()
+            .ok_or_else(|| Error::Input(format!("sample {i} out of range: chunk {} has {}", self.dir.display(), self.samples.len())))
     }
 }
 
@@ -281,13 +234,7 @@ pub struct BatchOptions {
 
 impl Default for BatchOptions {
     fn default() -> Self {
-        BatchOptions {
-            token_budget: 16384,
-            max_batch_size: 64,
-            max_len: 2048,
-            bucket_by_length: true,
-            shuffle: true,
-        }
+        BatchOptions { token_budget: 16384, max_batch_size: 64, max_len: 2048, bucket_by_length: true, shuffle: true }
     }
 }
 
@@ -340,25 +287,12 @@ impl SplitMix64 {
 }
 
 fn pack(items: &[(SampleRef, usize)], opts: &BatchOptions, out: &mut Vec<BatchSpec>) {
-    let mut cur = BatchSpec {
-        samples: Vec::new(),
-        seq_len: 0,
-        tokens: 0,
-    };
+    let mut cur = BatchSpec { samples: Vec::new(), seq_len: 0, tokens: 0 };
     let max_rows = opts.max_batch_size.max(1);
     for &(r, len) in items {
         let t = cur.seq_len.max(len);
-        if !cur.samples.is_empty()
-            && ((cur.samples.len() + 1) * t > opts.token_budget || cur.samples.len() >= max_rows)
-        {
-            out.push(std::mem::replace(
-                &mut cur,
-                BatchSpec {
-                    samples: Vec::new(),
-                    seq_len: 0,
-                    tokens: 0,
-                },
-            ));
+        if !cur.samples.is_empty() && ((cur.samples.len() + 1) * t > opts.token_budget || cur.samples.len() >= max_rows) {
+            out.push(std::mem::replace(&mut cur, BatchSpec { samples: Vec::new(), seq_len: 0, tokens: 0 }));
         }
         cur.seq_len = cur.seq_len.max(len);
         cur.tokens += len;
@@ -376,24 +310,13 @@ fn pack(items: &[(SampleRef, usize)], opts: &BatchOptions, out: &mut Vec<BatchSp
 /// With `shuffle`, samples are permuted across all shards and chunks; with `bucket_by_length`,
 /// each window of `64 · max_batch_size` permuted samples is sorted by length (longest first)
 /// before packing, and the batch order is shuffled again so long batches are not grouped.
-pub fn plan_batches(
-    chunks: &[Chunk],
-    opts: &BatchOptions,
-    seed: u64,
-    epoch: u64,
-) -> Vec<BatchSpec> {
+pub fn plan_batches(chunks: &[Chunk], opts: &BatchOptions, seed: u64, epoch: u64) -> Vec<BatchSpec> {
     let mut items: Vec<(SampleRef, usize)> = Vec::new();
     for (c, chunk) in chunks.iter().enumerate() {
         for (s, loc) in chunk.samples.iter().enumerate() {
             let len = loc.len.min(opts.max_len);
             if len > 0 {
-                items.push((
-                    SampleRef {
-                        chunk: c as u32,
-                        sample: s as u32,
-                    },
-                    len,
-                ));
+                items.push((SampleRef { chunk: c as u32, sample: s as u32 }, len));
             }
         }
     }
@@ -440,13 +363,7 @@ pub struct Batch {
 impl Batch {
     /// Whether every feature is finite (one fused pass per tensor; cheap next to a train step).
     pub fn is_finite(&self) -> bool {
-        let ok = |t: &Tensor| {
-            t.f_isfinite()
-                .and_then(|f| f.f_all())
-                .ok()
-                .and_then(|b| bool::try_from(b).ok())
-                .unwrap_or(false)
-        };
+        let ok = |t: &Tensor| t.f_isfinite().and_then(|f| f.f_all()).ok().and_then(|b| bool::try_from(b).ok()).unwrap_or(false);
         ok(&self.aux) && ok(&self.last_hidden)
     }
 
@@ -454,22 +371,11 @@ impl Batch {
     /// rows that hold NaN or inf.
     pub fn check_finite(&self) -> Result<()> {
         for (name, t) in [("aux", &self.aux), ("last_hidden", &self.last_hidden)] {
-            let bad_rows = t
-                .f_isfinite()?
-                .f_logical_not()?
-                .f_flatten(1, -1)?
-                .f_any_dim(1, false)?;
+            let bad_rows = t.f_isfinite()?.f_logical_not()?.f_flatten(1, -1)?.f_any_dim(1, false)?;
             let rows: Vec<bool> = Vec::try_from(bad_rows.f_to_device(Device::Cpu)?)?;
-            let bad: Vec<i64> = rows
-                .iter()
-                .zip(&self.sample_index)
-                .filter(|(b, _)| **b)
-                .map(|(_, i)| *i)
-                .collect();
+            let bad: Vec<i64> = rows.iter().zip(&self.sample_index).filter(|(b, _)| **b).map(|(_, i)| *i).collect();
             if !bad.is_empty() {
-                return Err(Error::Input(format!(
-                    "`{name}` holds NaN or inf in samples {bad:?} (dataset indices)"
-                )));
+                return Err(Error::Input(format!("`{name}` holds NaN or inf in samples {bad:?} (dataset indices)")));
             }
         }
         Ok(())
@@ -493,17 +399,10 @@ fn fill(t: &mut Tensor, dst_off: usize, src: &[u8]) {
 /// # Errors
 /// A reference outside the chunks, or chunks that disagree on dtype or widths.
 pub fn load_batch(chunks: &[Chunk], spec: &BatchSpec, device: Device) -> Result<Batch> {
-    let first = spec
-        .samples
-        .first()
-        .ok_or_else(|| Error::Input("empty batch".into()))?;
-    let c0 = chunks.get(first.chunk as usize).ok_or_else(|| {
-        Error::Input(format!(
-            "batch refers to chunk {} of {}",
-            first.chunk,
-            chunks.len()
-        ))
-    })?;
+    let first = spec.samples.first().ok_or_else(|| Error::Input("empty batch".into()))?;
+    let c0 = chunks
+        .get(first.chunk as usize)
+        .ok_or_else(|| Error::Input(format!("batch refers to chunk {} of {}", first.chunk, chunks.len())))?;
     let kind = c0.kind;
     let hidden = c0.manifest.hidden_size;
     let aux_width = hidden * c0.manifest.aux_layer_ids.len() as i64;
@@ -517,17 +416,9 @@ pub fn load_batch(chunks: &[Chunk], spec: &BatchSpec, device: Device) -> Result<
     let mut sample_index = Vec::with_capacity(b);
     let mut lengths = Vec::with_capacity(b);
     for (row, r) in spec.samples.iter().enumerate() {
-        let chunk = chunks.get(r.chunk as usize).ok_or_else(|| {
-            Error::Input(format!(
-                "batch refers to chunk {} of {}",
-                r.chunk,
-                chunks.len()
-            ))
-        })?;
-        if chunk.kind != kind
-            || chunk.manifest.hidden_size != hidden
-            || chunk.manifest.aux_layer_ids.len() as i64 * hidden != aux_width
-        {
+        let chunk =
+            chunks.get(r.chunk as usize).ok_or_else(|| Error::Input(format!("batch refers to chunk {} of {}", r.chunk, chunks.len())))?;
+        if chunk.kind != kind || chunk.manifest.hidden_size != hidden || chunk.manifest.aux_layer_ids.len() as i64 * hidden != aux_width {
             return Err(Error::Input(format!(
                 "chunk {} ({:?}, H {}, aux {:?}) does not match chunk {} ({kind:?}, H {hidden}) in one batch",
                 chunk.dir.display(),
@@ -547,30 +438,16 @@ pub fn load_batch(chunks: &[Chunk], spec: &BatchSpec, device: Device) -> Result<
         for (d, &m) in loss[row * t..row * t + len].iter_mut().zip(&smask[..len]) {
             *d = i64::from(m);
         }
-        let src_aux = f
-            .bytes("aux")
-            .ok_or_else(|| shard_err(f.path(), "tensor `aux` is missing"))?;
-        let src_last = f
-            .bytes("last_hidden")
-            .ok_or_else(|| shard_err(f.path(), "tensor `last_hidden` is missing"))?;
-        fill(
-            &mut aux,
-            row * t * shard.aux_row,
-            &src_aux[loc.start * shard.aux_row..(loc.start + len) * shard.aux_row],
-        );
-        fill(
-            &mut last,
-            row * t * shard.last_row,
-            &src_last[loc.start * shard.last_row..(loc.start + len) * shard.last_row],
-        );
+        let src_aux = f.bytes("aux").ok_or_else(|| shard_err(f.path(), "tensor `aux` is missing"))?;
+        let src_last = f.bytes("last_hidden").ok_or_else(|| shard_err(f.path(), "tensor `last_hidden` is missing"))?;
+        fill(&mut aux, row * t * shard.aux_row, &src_aux[loc.start * shard.aux_row..(loc.start + len) * shard.aux_row]);
+        fill(&mut last, row * t * shard.last_row, &src_last[loc.start * shard.last_row..(loc.start + len) * shard.last_row]);
         debug_assert_eq!(shard.aux_row, aux_width as usize * elt);
         sample_index.push(loc.index);
         lengths.push(len as i64);
     }
     let shape = [b as i64, t as i64];
-    let to = |v: &[i64]| -> Result<Tensor> {
-        Ok(Tensor::from_slice(v).f_view(shape)?.f_to_device(device)?)
-    };
+    let to = |v: &[i64]| -> Result<Tensor> { Ok(Tensor::from_slice(v).f_view(shape)?.f_to_device(device)?) };
     Ok(Batch {
         input_ids: to(&ids)?,
         attention_mask: to(&attn)?,
@@ -592,38 +469,28 @@ pub struct Prefetcher {
 
 impl Prefetcher {
     /// Starts loading `specs` from `chunks` onto `device`.
-    pub fn new(
-        chunks: Arc<Vec<Chunk>>,
-        specs: Vec<BatchSpec>,
-        device: Device,
-        depth: usize,
-    ) -> Self {
+    pub fn new(chunks: Arc<Vec<Chunk>>, specs: Vec<BatchSpec>, device: Device, depth: usize) -> Self {
         let (tx, rx) = sync_channel(depth.max(1));
         let handle = std::thread::Builder::new()
             .name("prefetch".into())
             .spawn(move || {
                 for spec in specs {
-                    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                        load_batch(&chunks, &spec, device)
-                    }))
-                    .unwrap_or_else(|p| {
-                        let msg = p
-                            .downcast_ref::<String>()
-                            .cloned()
-                            .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
-                            .unwrap_or_default();
-                        Err(Error::Input(format!("loading a batch panicked: {msg}")))
-                    });
+                    let r =
+                        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| load_batch(&chunks, &spec, device))).unwrap_or_else(|p| {
+                            let msg = p
+                                .downcast_ref::<String>()
+                                .cloned()
+                                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                                .unwrap_or_default();
+                            Err(Error::Input(format!("loading a batch panicked: {msg}")))
+                        });
                     if tx.send(r).is_err() {
                         break; // the consumer is gone
                     }
                 }
             })
             .ok();
-        Prefetcher {
-            rx: Some(rx),
-            handle,
-        }
+        Prefetcher { rx: Some(rx), handle }
     }
 }
 
@@ -634,9 +501,7 @@ impl Iterator for Prefetcher {
         match &self.handle {
             None if self.rx.is_some() => {
                 self.rx = None;
-                Some(Err(Error::Input(
-                    "could not start the prefetch thread".into(),
-                )))
+                Some(Err(Error::Input("could not start the prefetch thread".into())))
             }
             _ => self.rx.as_ref()?.recv().ok(),
         }

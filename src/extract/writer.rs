@@ -46,24 +46,17 @@ pub struct ExtractOptions {
 pub fn rank_from_env() -> Result<(usize, usize)> {
     let get = |name: &str, default: usize| -> Result<usize> {
         match std::env::var(name) {
-            Ok(v) => v.trim().parse().map_err(|_| {
-                Error::config(
-                    PathBuf::from("environment"),
-                    name,
-                    format!("is `{v}`, expected a non-negative integer"),
-                )
-            }),
+            Ok(v) => v
+                .trim()
+                .parse()
+                .map_err(|_| Error::config(PathBuf::from("environment"), name, format!("is `{v}`, expected a non-negative integer"))),
             Err(_) => Ok(default),
         }
     };
     let rank = get("RANK", 0)?;
     let world = get("WORLD_SIZE", 1)?;
     if world == 0 || rank >= world {
-        return Err(Error::config(
-            PathBuf::from("environment"),
-            "RANK",
-            format!("is {rank} but WORLD_SIZE is {world}"),
-        ));
+        return Err(Error::config(PathBuf::from("environment"), "RANK", format!("is {rank} but WORLD_SIZE is {world}")));
     }
     Ok((rank, world))
 }
@@ -100,11 +93,7 @@ const SHARD_OVERHEAD: u64 = 1024;
 /// Groups sample lengths into forward batches: longest first (ties by position), each batch at
 /// most `max_batch_size` rows and `rows · longest ≤ batch_tokens` padded tokens (a single longer
 /// sample forms its own batch). Returns positions into `lengths`.
-pub fn plan_forward_batches(
-    lengths: &[usize],
-    batch_tokens: usize,
-    max_batch_size: usize,
-) -> Vec<Vec<usize>> {
+pub fn plan_forward_batches(lengths: &[usize], batch_tokens: usize, max_batch_size: usize) -> Vec<Vec<usize>> {
     let mut order: Vec<usize> = (0..lengths.len()).collect();
     order.sort_by(|&a, &b| lengths[b].cmp(&lengths[a]).then(a.cmp(&b)));
     let mut out: Vec<Vec<usize>> = Vec::new();
@@ -195,11 +184,7 @@ pub fn plan(samples: &[Sample], mut template: Manifest, opts: &ExtractOptions) -
     let (r, w) = (opts.rank, opts.world_size.max(1));
     let lo = r * n / w;
     let hi = (r + 1) * n / w;
-    let bpt = bytes_per_token(
-        opts.aux_layer_ids.len(),
-        template.hidden_size,
-        opts.store_kind,
-    );
+    let bpt = bytes_per_token(opts.aux_layer_ids.len(), template.hidden_size, opts.store_kind);
     let per_sample = 16u64; // offsets + sample_index entries
     let mut shards: Vec<Vec<usize>> = Vec::new();
     let mut cur: Vec<usize> = Vec::new();
@@ -222,8 +207,7 @@ pub fn plan(samples: &[Sample], mut template: Manifest, opts: &ExtractOptions) -
     let est_shards = |tokens: u64, count: usize| tokens * bpt + count as u64 * per_sample;
     let rank_bytes = est_shards(rank_tokens, hi - lo) + shards.len() as u64 * SHARD_OVERHEAD;
     // Other ranks cut their slices the same way; their shard count is about proportional.
-    let chunk_bytes =
-        est_shards(all_tokens, n) + (shards.len().max(1) * w) as u64 * SHARD_OVERHEAD + 4096;
+    let chunk_bytes = est_shards(all_tokens, n) + (shards.len().max(1) * w) as u64 * SHARD_OVERHEAD + 4096;
     template.rank = Some(r);
     template.planned_shards = Some(shards.len());
     template.run.world_size = w;
@@ -234,14 +218,7 @@ pub fn plan(samples: &[Sample], mut template: Manifest, opts: &ExtractOptions) -
     template.tokens = 0;
     template.shards.clear();
     template.complete = false;
-    ExtractPlan {
-        template,
-        shards,
-        chunk_bytes,
-        rank_bytes,
-        bytes_per_token: bpt,
-        rank_tokens,
-    }
+    ExtractPlan { template, shards, chunk_bytes, rank_bytes, bytes_per_token: bpt, rank_tokens }
 }
 
 /// Reads this rank's manifest if a previous run left one, checks it belongs to the same run and
@@ -255,8 +232,7 @@ pub fn resume_state(plan: &ExtractPlan, out: &Path) -> Result<Manifest> {
     for e in entries {
         let p = e.map_err(|e| Error::io(out, e))?.path();
         let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
-        let mine = name.starts_with(&format!(".shard-{rank:05}-"))
-            || name.starts_with(&format!(".manifest.rank-{rank:05}.json"));
+        let mine = name.starts_with(&format!(".shard-{rank:05}-")) || name.starts_with(&format!(".manifest.rank-{rank:05}.json"));
         if mine && name.contains(".tmp-") {
             tracing::debug!(file = %p.display(), "removing an orphan temp file");
             let _ = std::fs::remove_file(&p);
@@ -272,14 +248,7 @@ pub fn resume_state(plan: &ExtractPlan, out: &Path) -> Result<Manifest> {
         let p = out.join(&s.file);
         let size = std::fs::metadata(&p).map_err(|e| Error::io(&p, e))?.len();
         if size != s.bytes {
-            return Err(Error::Shard {
-                path: p,
-                reason: format!(
-                    "is {size} bytes but {} lists {} bytes",
-                    path.display(),
-                    s.bytes
-                ),
-            });
+            return Err(Error::Shard { path: p, reason: format!("is {size} bytes but {} lists {} bytes", path.display(), s.bytes) });
         }
     }
     let mut m = plan.template.clone();
@@ -320,20 +289,10 @@ pub struct BatchFeatures {
 /// Runs the target on `samples` as one right-padded batch and returns the features cast to
 /// `store` on the CPU. Rows are padded with the config's pad id (0 when it has none) and an
 /// attention mask that is 0 on padding; positions are `0..T` (exact for right padding).
-pub fn forward_batch(
-    model: &dyn TargetModel,
-    samples: &[&Sample],
-    aux_ids: &[i64],
-    store: Kind,
-    device: Device,
-) -> Result<BatchFeatures> {
+pub fn forward_batch(model: &dyn TargetModel, samples: &[&Sample], aux_ids: &[i64], store: Kind, device: Device) -> Result<BatchFeatures> {
     let b = samples.len();
     let t = samples.iter().map(|s| s.input_ids.len()).max().unwrap_or(0);
-    let pad = model
-        .config()
-        .pad_token_id
-        .unwrap_or(0)
-        .clamp(0, model.config().vocab_size - 1);
+    let pad = model.config().pad_token_id.unwrap_or(0).clamp(0, model.config().vocab_size - 1);
     let mut ids = vec![pad; b * t];
     let mut mask = vec![0i64; b * t];
     for (r, s) in samples.iter().enumerate() {
@@ -345,18 +304,11 @@ pub fn forward_batch(
     let attention_mask = Tensor::from_slice(&mask).view([bi, ti]).to_device(device);
     let out = tch::no_grad(|| {
         model.forward(
-            &ForwardInput {
-                input_ids: &input_ids,
-                attention_mask: Some(&attention_mask),
-                position_ids: None,
-                capture: aux_ids,
-            },
+            &ForwardInput { input_ids: &input_ids, attention_mask: Some(&attention_mask), position_ids: None, capture: aux_ids },
             None,
         )
     })?;
-    let aux = Tensor::f_cat(&out.aux, -1)?
-        .f_to_kind(store)?
-        .f_to_device(Device::Cpu)?;
+    let aux = Tensor::f_cat(&out.aux, -1)?.f_to_kind(store)?.f_to_device(Device::Cpu)?;
     let last_hidden = out.last_hidden.f_to_kind(store)?.f_to_device(Device::Cpu)?;
     Ok(BatchFeatures { aux, last_hidden })
 }
@@ -416,53 +368,22 @@ fn encode_shard(
     let ids_b = le_bytes_i64(&ids);
     let off_b = le_bytes_i64(&offsets);
     let idx_b = le_bytes_i64(&index_of);
-    fn view<'a>(
-        path: &Path,
-        d: Dtype,
-        shape: Vec<usize>,
-        data: &'a [u8],
-    ) -> Result<TensorView<'a>> {
-        TensorView::new(d, shape, data).map_err(|e| Error::Shard {
-            path: path.to_path_buf(),
-            reason: e.to_string(),
-        })
+    fn view<'a>(path: &Path, d: Dtype, shape: Vec<usize>, data: &'a [u8]) -> Result<TensorView<'a>> {
+        TensorView::new(d, shape, data).map_err(|e| Error::Shard { path: path.to_path_buf(), reason: e.to_string() })
     }
     let views = vec![
-        (
-            "input_ids".to_string(),
-            view(path, Dtype::I64, vec![n], &ids_b)?,
-        ),
-        (
-            "loss_mask".to_string(),
-            view(path, Dtype::U8, vec![n], &mask)?,
-        ),
-        (
-            "aux".to_string(),
-            view(path, dtype, vec![n, aux_width as usize], &aux)?,
-        ),
-        (
-            "last_hidden".to_string(),
-            view(path, dtype, vec![n, hidden as usize], &last)?,
-        ),
-        (
-            "offsets".to_string(),
-            view(path, Dtype::I64, vec![samples.len() + 1], &off_b)?,
-        ),
-        (
-            "sample_index".to_string(),
-            view(path, Dtype::I64, vec![samples.len()], &idx_b)?,
-        ),
+        ("input_ids".to_string(), view(path, Dtype::I64, vec![n], &ids_b)?),
+        ("loss_mask".to_string(), view(path, Dtype::U8, vec![n], &mask)?),
+        ("aux".to_string(), view(path, dtype, vec![n, aux_width as usize], &aux)?),
+        ("last_hidden".to_string(), view(path, dtype, vec![n, hidden as usize], &last)?),
+        ("offsets".to_string(), view(path, Dtype::I64, vec![samples.len() + 1], &off_b)?),
+        ("sample_index".to_string(), view(path, Dtype::I64, vec![samples.len()], &idx_b)?),
     ];
     // One metadata key: safetensors writes the metadata map in hash order, and a shard must be
     // byte-identical across runs (resume is checked against uninterrupted runs by checksum).
-    let meta: HashMap<String, String> = HashMap::from([(
-        "specforge".to_string(),
-        format!(r#"{{"format":"{FORMAT}","version":{VERSION},"rank":{rank},"shard":{index}}}"#),
-    )]);
-    safetensors::serialize(views, Some(meta)).map_err(|e| Error::Shard {
-        path: path.to_path_buf(),
-        reason: e.to_string(),
-    })
+    let meta: HashMap<String, String> =
+        HashMap::from([("specforge".to_string(), format!(r#"{{"format":"{FORMAT}","version":{VERSION},"rank":{rank},"shard":{index}}}"#))]);
+    safetensors::serialize(views, Some(meta)).map_err(|e| Error::Shard { path: path.to_path_buf(), reason: e.to_string() })
 }
 
 /// Runs the plan: every shard of this rank not already on disk is computed, written atomically
@@ -483,11 +404,7 @@ pub fn run(
     let rank = opts.rank;
     let hidden = m.hidden_size;
     let aux_width = hidden * opts.aux_layer_ids.len() as i64;
-    let done: HashMap<String, ShardEntry> = m
-        .shards
-        .iter()
-        .map(|s| (s.file.clone(), s.clone()))
-        .collect();
+    let done: HashMap<String, ShardEntry> = m.shards.iter().map(|s| (s.file.clone(), s.clone())).collect();
     let mut stats = ExtractStats::default();
     let pb = crate::util::progress::bar(plan.rank_tokens, "extract");
     // Publish the (possibly empty) rank manifest first so `manifest.json` knows this rank.
@@ -502,10 +419,7 @@ pub fn run(
             if e.first_sample != first {
                 return Err(Error::Shard {
                     path: out.join(&name),
-                    reason: format!(
-                        "starts at sample {} but this run plans sample {first} there",
-                        e.first_sample
-                    ),
+                    reason: format!("starts at sample {} but this run plans sample {first} there", e.first_sample),
                 });
             }
             stats.resumed_shards += 1;
@@ -534,20 +448,13 @@ pub fn run(
                     nonfinite.push(i);
                     continue;
                 }
-                feats[i] = Some(SampleBytes {
-                    aux: row_bytes(&a, len)?,
-                    last: row_bytes(&l, len)?,
-                });
+                feats[i] = Some(SampleBytes { aux: row_bytes(&a, len)?, last: row_bytes(&l, len)? });
             }
             let tokens: u64 = batch.iter().map(|&i| lengths[i] as u64).sum();
             stats.tokens += tokens;
             pb.inc(tokens);
             let secs = start.elapsed().as_secs_f64().max(1e-9);
-            pb.set_message(format!(
-                "{:.0} tok/s, {} written",
-                stats.tokens as f64 / secs,
-                crate::util::bytes::human(stats.bytes)
-            ));
+            pb.set_message(format!("{:.0} tok/s, {} written", stats.tokens as f64 / secs, crate::util::bytes::human(stats.bytes)));
         }
         nonfinite.sort_unstable();
         for &i in &nonfinite {
@@ -560,24 +467,10 @@ pub fn run(
             );
             m.skipped_nonfinite.push(s.index as i64);
         }
-        let kept: Vec<&Sample> = shard_samples
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| feats[*i].is_some())
-            .map(|(_, s)| *s)
-            .collect();
+        let kept: Vec<&Sample> = shard_samples.iter().enumerate().filter(|(i, _)| feats[*i].is_some()).map(|(_, s)| *s).collect();
         let kept_feats: Vec<SampleBytes> = feats.into_iter().flatten().collect();
         let path = out.join(&name);
-        let bytes = encode_shard(
-            &path,
-            &kept,
-            &kept_feats,
-            aux_width,
-            hidden,
-            opts.store_kind,
-            rank,
-            n,
-        )?;
+        let bytes = encode_shard(&path, &kept, &kept_feats, aux_width, hidden, opts.store_kind, rank, n)?;
         let xxh3 = format!("{:016x}", xxhash_rust::xxh3::xxh3_64(&bytes));
         crate::util::fs::write_atomic(&path, &bytes)?;
         let tokens: u64 = kept.iter().map(|s| s.input_ids.len() as u64).sum();

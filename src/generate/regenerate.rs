@@ -82,32 +82,19 @@ fn meta(opts: &RegenerateOptions) -> Json {
 fn answer_points(c: &Conversation) -> Vec<usize> {
     let m = &c.messages;
     (0..m.len())
-        .filter(|&i| {
-            matches!(m[i].role, Role::User | Role::Tool)
-                && m.get(i + 1).is_none_or(|n| n.role == Role::Assistant)
-        })
+        .filter(|&i| matches!(m[i].role, Role::User | Role::Tool) && m.get(i + 1).is_none_or(|n| n.role == Role::Assistant))
         .collect()
 }
 
 /// The conversation without its assistant turns, up to and including message `upto`.
 fn history(c: &Conversation, upto: usize) -> Vec<Message> {
-    c.messages[..=upto]
-        .iter()
-        .filter(|m| m.role != Role::Assistant)
-        .cloned()
-        .collect()
+    c.messages[..=upto].iter().filter(|m| m.role != Role::Assistant).cloned().collect()
 }
 
 fn render_prompt(tok: &Tokenizer, msgs: &[Message], tools: Option<&Json>) -> Result<Vec<i64>> {
     let json = Json::Array(msgs.iter().map(Message::to_template_json).collect());
-    let text = tok.apply_chat_template_with(
-        &json,
-        RenderOptions {
-            add_generation_prompt: true,
-            tools: tools.cloned(),
-            ..Default::default()
-        },
-    )?;
+    let text =
+        tok.apply_chat_template_with(&json, RenderOptions { add_generation_prompt: true, tools: tools.cloned(), ..Default::default() })?;
     tok.encode(&text, false)
 }
 
@@ -126,9 +113,7 @@ fn read_done(out: &Path, want_meta: &Json) -> Result<Vec<(String, String)>> {
     let mut n = 0usize;
     loop {
         line.clear();
-        let k = reader
-            .read_until(b'\n', &mut line)
-            .map_err(|e| Error::io(out, e))?;
+        let k = reader.read_until(b'\n', &mut line).map_err(|e| Error::io(out, e))?;
         if k == 0 {
             break;
         }
@@ -143,14 +128,11 @@ fn read_done(out: &Path, want_meta: &Json) -> Result<Vec<(String, String)>> {
             line: n,
             message: format!("not a regenerate output line: {e}"),
         })?;
-        let id = v
-            .get("id")
-            .and_then(Json::as_str)
-            .ok_or_else(|| Error::Dataset {
-                path: out.to_path_buf(),
-                line: n,
-                message: "no string `id`".into(),
-            })?;
+        let id = v.get("id").and_then(Json::as_str).ok_or_else(|| Error::Dataset {
+            path: out.to_path_buf(),
+            line: n,
+            message: "no string `id`".into(),
+        })?;
         if let (Some(have), Some(want)) = (v.get("meta"), want_meta.as_object()) {
             for (k, w) in want {
                 if have.get(k) != Some(w) {
@@ -198,23 +180,13 @@ pub fn regenerate(
             continue;
         };
         if c.has_images() && !opts.multimodal {
-            report.push(
-                c.line,
-                BadKind::ImagesUnsupported,
-                "the conversation has images but the target is text-only",
-            );
+            report.push(c.line, BadKind::ImagesUnsupported, "the conversation has images but the target is text-only");
             continue;
         }
         match render_prompt(tok, &history(c, first), c.tools.as_ref()) {
-            Ok(ids) if ids.len() >= opts.max_len => report.push(
-                c.line,
-                BadKind::OverLong,
-                format!(
-                    "the prompt is {} tokens, --max-len is {}",
-                    ids.len(),
-                    opts.max_len
-                ),
-            ),
+            Ok(ids) if ids.len() >= opts.max_len => {
+                report.push(c.line, BadKind::OverLong, format!("the prompt is {} tokens, --max-len is {}", ids.len(), opts.max_len))
+            }
             Ok(_) => todo.push(c),
             Err(e) => report.push(c.line, BadKind::Template, e.to_string()),
         }
@@ -226,22 +198,12 @@ pub fn regenerate(
     let existing = read_done(out, &want_meta)?;
     let done: HashSet<String> = existing.iter().map(|(id, _)| id.clone()).collect();
     let known: HashSet<&str> = todo.iter().map(|c| c.id.as_str()).collect();
-    let strangers = existing
-        .iter()
-        .filter(|(id, _)| !known.contains(id.as_str()))
-        .count();
+    let strangers = existing.iter().filter(|(id, _)| !known.contains(id.as_str())).count();
     if strangers > 0 {
         tracing::warn!(file = %out.display(), "{strangers} lines of the existing output have ids not in this dataset; kept");
     }
-    let mut file = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(out)
-        .map_err(|e| Error::io(out, e))?;
-    let mut stats = RegenerateStats {
-        resumed: todo.iter().filter(|c| done.contains(&c.id)).count(),
-        ..Default::default()
-    };
+    let mut file = std::fs::OpenOptions::new().create(true).append(true).open(out).map_err(|e| Error::io(out, e))?;
+    let mut stats = RegenerateStats { resumed: todo.iter().filter(|c| done.contains(&c.id)).count(), ..Default::default() };
     let pb = crate::util::progress::bar(todo.len() as u64, "regenerate");
     pb.inc(stats.resumed as u64);
     let bs = opts.batch_size.max(1);
@@ -267,19 +229,11 @@ pub fn regenerate(
                 // New non-assistant messages since the previous answer point.
                 let from = if r == 0 { 0 } else { points[i][r - 1] + 1 };
                 let upto = points[i][r];
-                convo[i].extend(
-                    c.messages[from..=upto]
-                        .iter()
-                        .filter(|m| m.role != Role::Assistant)
-                        .cloned(),
-                );
+                convo[i].extend(c.messages[from..=upto].iter().filter(|m| m.role != Role::Assistant).cloned());
                 let ids = render_prompt(tok, &convo[i], c.tools.as_ref())?;
                 if ids.len() >= opts.max_len {
                     // Keep what fit: drop the messages that outgrew --max-len.
-                    let keep = convo[i]
-                        .iter()
-                        .rposition(|m| m.role == Role::Assistant)
-                        .map_or(0, |p| p + 1);
+                    let keep = convo[i].iter().rposition(|m| m.role == Role::Assistant).map_or(0, |p| p + 1);
                     convo[i].truncate(keep);
                     alive[i] = false;
                     tracing::debug!(id = %c.id, round = r, "prompt outgrew --max-len; conversation cut");
@@ -294,11 +248,7 @@ pub fn regenerate(
             let answers = generate(model, &prompts, &opts.gen, device)?;
             for (&i, ans) in rows.iter().zip(&answers) {
                 let stopped = ans.last().is_some_and(|t| opts.gen.stop_ids.contains(t));
-                let body = if stopped {
-                    &ans[..ans.len() - 1]
-                } else {
-                    &ans[..]
-                };
+                let body = if stopped { &ans[..ans.len() - 1] } else { &ans[..] };
                 let text = tok.decode(body, true)?;
                 convo[i].push(Message::text(Role::Assistant, text.trim().to_string()));
                 finish[i].push(if stopped { "stop" } else { "length" });
@@ -311,12 +261,7 @@ pub fn regenerate(
             if done.contains(&c.id) {
                 continue;
             }
-            let conv = Conversation {
-                line: c.line,
-                id: c.id.clone(),
-                messages: convo[i].clone(),
-                tools: c.tools.clone(),
-            };
+            let conv = Conversation { line: c.line, id: c.id.clone(), messages: convo[i].clone(), tools: c.tools.clone() };
             let mut v = conv.to_openai_json();
             if let Some(o) = v.as_object_mut() {
                 let mut m = want_meta.clone();
@@ -332,8 +277,7 @@ pub fn regenerate(
         }
         // One write per batch, then fsync: a kill leaves whole batches (or a torn last line,
         // which the rerun drops).
-        file.write_all(buf.as_bytes())
-            .map_err(|e| Error::io(out, e))?;
+        file.write_all(buf.as_bytes()).map_err(|e| Error::io(out, e))?;
         file.sync_data().map_err(|e| Error::io(out, e))?;
         pb.inc(batch.iter().filter(|c| !done.contains(&c.id)).count() as u64);
         let secs = start.elapsed().as_secs_f64().max(1e-9);
@@ -355,18 +299,10 @@ fn canonical_order(out: &Path, todo: &[&Conversation]) -> Result<()> {
         let id = serde_json::from_str::<Json>(&l)
             .ok()
             .and_then(|v| v.get("id").and_then(Json::as_str).map(str::to_string))
-            .ok_or_else(|| Error::Dataset {
-                path: out.to_path_buf(),
-                line: n + 1,
-                message: "no string `id`".into(),
-            })?;
+            .ok_or_else(|| Error::Dataset { path: out.to_path_buf(), line: n + 1, message: "no string `id`".into() })?;
         lines.push((id, l));
     }
-    let rank: HashMap<&str, usize> = todo
-        .iter()
-        .enumerate()
-        .map(|(i, c)| (c.id.as_str(), i))
-        .collect();
+    let rank: HashMap<&str, usize> = todo.iter().enumerate().map(|(i, c)| (c.id.as_str(), i)).collect();
     let key = |id: &str| rank.get(id).copied().unwrap_or(usize::MAX);
     if lines.windows(2).all(|w| key(&w[0].0) <= key(&w[1].0)) {
         return Ok(());

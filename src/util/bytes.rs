@@ -25,13 +25,9 @@ pub fn human(n: u64) -> String {
 /// A message naming the text seen.
 pub fn parse(s: &str) -> Result<u64, String> {
     let t = s.trim();
-    let split = t
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(t.len());
+    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    let value: f64 = num.parse().map_err(|_| {
-        format!("`{s}` is not a size (expected e.g. 500M, 20G, 1.5T or a byte count)")
-    })?;
+    let value: f64 = num.parse().map_err(|_| format!("`{s}` is not a size (expected e.g. 500M, 20G, 1.5T or a byte count)"))?;
     let unit = unit.trim();
     let unit = unit.strip_suffix('B').unwrap_or(unit);
     let mult: f64 = match unit.to_ascii_lowercase().as_str() {
@@ -44,11 +40,7 @@ pub fn parse(s: &str) -> Result<u64, String> {
         "mi" => 1024f64.powi(2),
         "gi" => 1024f64.powi(3),
         "ti" => 1024f64.powi(4),
-        _ => {
-            return Err(format!(
-                "`{s}`: unknown size unit `{unit}` (use k, M, G, T or Ki, Mi, Gi, Ti)"
-            ))
-        }
+        _ => return Err(format!("`{s}`: unknown size unit `{unit}` (use k, M, G, T or Ki, Mi, Gi, Ti)")),
     };
     if !value.is_finite() || value < 0.0 {
         return Err(format!("`{s}` is not a size"));

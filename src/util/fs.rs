@@ -63,12 +63,7 @@ pub struct FileLock {
 impl FileLock {
     /// Blocks until the lock on `path` (created if absent) is held.
     pub fn acquire(path: &Path) -> Result<Self> {
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(path)
-            .map_err(|e| Error::io(path, e))?;
+        let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(path).map_err(|e| Error::io(path, e))?;
         use std::os::fd::AsRawFd;
         loop {
             // SAFETY: flock on a descriptor we own; the lock dies with the descriptor.

@@ -76,25 +76,17 @@ impl DraftVocab {
             "covered_tokens": self.covered_tokens,
             "config_hash": config_hash,
         });
-        let meta: HashMap<String, String> =
-            HashMap::from([("specforge".to_string(), info.to_string())]);
+        let meta: HashMap<String, String> = HashMap::from([("specforge".to_string(), info.to_string())]);
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
             std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
         }
-        crate::weights::save_safetensors(
-            path,
-            &[("d2t".into(), d2t), ("t2d".into(), t2d)],
-            Some(meta),
-        )
+        crate::weights::save_safetensors(path, &[("d2t".into(), d2t), ("t2d".into(), t2d)], Some(meta))
     }
 
     /// The coverage report as JSON.
     pub fn report_json(&self, tok: Option<&Tokenizer>) -> serde_json::Value {
-        let forced: Vec<serde_json::Value> = self
-            .forced
-            .iter()
-            .map(|&id| json!({"id": id, "token": tok.and_then(|t| t.id_to_token(id))}))
-            .collect();
+        let forced: Vec<serde_json::Value> =
+            self.forced.iter().map(|&id| json!({"id": id, "token": tok.and_then(|t| t.id_to_token(id))})).collect();
         json!({
             "draft_vocab_size": self.used.len(),
             "target_vocab_size": self.t2d.len(),
@@ -124,10 +116,7 @@ pub fn load(path: &Path) -> Result<(Tensor, Tensor)> {
     }
     let d: Vec<i64> = Vec::try_from(&d2t)?;
     let t: Vec<bool> = Vec::try_from(&t2d)?;
-    check_invariants(&d, &t).map_err(|reason| Error::Safetensors {
-        path: path.to_path_buf(),
-        reason,
-    })?;
+    check_invariants(&d, &t).map_err(|reason| Error::Safetensors { path: path.to_path_buf(), reason })?;
     Ok((d2t, t2d))
 }
 
@@ -136,18 +125,13 @@ pub fn load(path: &Path) -> Result<(Tensor, Tensor)> {
 pub fn check_invariants(d2t: &[i64], t2d: &[bool]) -> std::result::Result<(), String> {
     let trues = t2d.iter().filter(|&&b| b).count();
     if trues != d2t.len() {
-        return Err(format!(
-            "t2d has {trues} trues but d2t has {} entries",
-            d2t.len()
-        ));
+        return Err(format!("t2d has {trues} trues but d2t has {} entries", d2t.len()));
     }
     let mut prev = -1i64;
     for (i, &off) in d2t.iter().enumerate() {
         let t = i as i64 + off;
         if t <= prev || t < 0 || t as usize >= t2d.len() || !t2d[t as usize] {
-            return Err(format!(
-                "d2t[{i}] = {off} maps draft id {i} to target id {t}, which is out of order or not in t2d"
-            ));
+            return Err(format!("d2t[{i}] = {off} maps draft id {i} to target id {t}, which is out of order or not in t2d"));
         }
         prev = t;
     }
@@ -158,10 +142,7 @@ pub fn check_invariants(d2t: &[i64], t2d: &[bool]) -> std::result::Result<(), St
 ///
 /// # Errors
 /// [`Error::Input`] for an id outside `0..vocab_size`, naming the sample.
-pub fn count_tokens<'a>(
-    samples: impl IntoIterator<Item = (&'a [i64], &'a [u8])>,
-    vocab_size: usize,
-) -> Result<Vec<u64>> {
+pub fn count_tokens<'a>(samples: impl IntoIterator<Item = (&'a [i64], &'a [u8])>, vocab_size: usize) -> Result<Vec<u64>> {
     let mut counts = vec![0u64; vocab_size];
     for (n, (ids, mask)) in samples.into_iter().enumerate() {
         for (&id, &m) in ids.iter().zip(mask) {
@@ -171,11 +152,7 @@ pub fn count_tokens<'a>(
             let slot = usize::try_from(id)
                 .ok()
                 .and_then(|i| counts.get_mut(i))
-                .ok_or_else(|| {
-                    Error::Input(format!(
-                        "sample {n}: token id {id} outside the target vocabulary 0..{vocab_size}"
-                    ))
-                })?;
+                .ok_or_else(|| Error::Input(format!("sample {n}: token id {id} outside the target vocabulary 0..{vocab_size}")))?;
             *slot += 1;
         }
     }
@@ -184,12 +161,7 @@ pub fn count_tokens<'a>(
 
 /// Counts supervised tokens of tokenised samples.
 pub fn count_samples(samples: &[Sample], vocab_size: usize) -> Result<Vec<u64>> {
-    count_tokens(
-        samples
-            .iter()
-            .map(|s| (s.input_ids.as_slice(), s.loss_mask.as_slice())),
-        vocab_size,
-    )
+    count_tokens(samples.iter().map(|s| (s.input_ids.as_slice(), s.loss_mask.as_slice())), vocab_size)
 }
 
 /// Tokens every draft vocabulary keeps: the EOS ids, the stop tokens, and the special tokens the
@@ -223,15 +195,11 @@ pub fn forced_tokens(tok: &Tokenizer, eos_ids: &[i64]) -> Vec<i64> {
 pub fn build(counts: &[u64], draft_vocab_size: usize, forced: &[i64]) -> Result<DraftVocab> {
     let v = counts.len();
     if draft_vocab_size == 0 || draft_vocab_size > v {
-        return Err(Error::Input(format!(
-            "--draft-vocab {draft_vocab_size} must be in 1..={v} (the target vocabulary)"
-        )));
+        return Err(Error::Input(format!("--draft-vocab {draft_vocab_size} must be in 1..={v} (the target vocabulary)")));
     }
     let forced: BTreeSet<i64> = forced.iter().copied().collect();
     if let Some(bad) = forced.iter().find(|&&id| id < 0 || id as usize >= v) {
-        return Err(Error::Input(format!(
-            "forced token id {bad} is outside the target vocabulary 0..{v}"
-        )));
+        return Err(Error::Input(format!("forced token id {bad} is outside the target vocabulary 0..{v}")));
     }
     if forced.len() > draft_vocab_size {
         return Err(Error::Input(format!(
@@ -262,11 +230,7 @@ pub fn build(counts: &[u64], draft_vocab_size: usize, forced: &[i64]) -> Result<
         i += 1;
     }
     let used: Vec<i64> = (0..v).filter(|&i| chosen[i]).map(|i| i as i64).collect();
-    let d2t: Vec<i64> = used
-        .iter()
-        .enumerate()
-        .map(|(i, &t)| t - i as i64)
-        .collect();
+    let d2t: Vec<i64> = used.iter().enumerate().map(|(i, &t)| t - i as i64).collect();
     let total_tokens: u64 = counts.iter().sum();
     let covered_tokens: u64 = used.iter().map(|&t| counts[t as usize]).sum();
     Ok(DraftVocab {

@@ -16,11 +16,7 @@ pub fn one_thread() {
 /// The embedded SmolLM2-135M-Instruct directory (made by `make setup`).
 pub fn smollm2() -> PathBuf {
     let p = root().join(".cache/smollm2-135m-instruct");
-    assert!(
-        p.join("config.json").is_file(),
-        "{} missing: run `make setup` first",
-        p.display()
-    );
+    assert!(p.join("config.json").is_file(), "{} missing: run `make setup` first", p.display());
     p
 }
 
@@ -34,9 +30,9 @@ pub fn tiny_target() -> PathBuf {
 /// system prompt and every `m`-th is multi-turn.
 pub fn synthetic_conversations(n: usize, seed: u64) -> String {
     const WORDS: &[&str] = &[
-        "the", "cat", "sat", "on", "a", "warm", "mat", "while", "rain", "fell", "over", "quiet",
-        "hills", "and", "rivers", "ran", "to", "sea", "under", "bright", "stars", "of", "night",
-        "code", "compiles", "fast", "tests", "pass", "green", "light", "shines", "🌞", "café",
+        "the", "cat", "sat", "on", "a", "warm", "mat", "while", "rain", "fell", "over", "quiet", "hills", "and", "rivers", "ran", "to",
+        "sea", "under", "bright", "stars", "of", "night", "code", "compiles", "fast", "tests", "pass", "green", "light", "shines", "🌞",
+        "café",
     ];
     let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
     let mut next = move || {
@@ -47,10 +43,7 @@ pub fn synthetic_conversations(n: usize, seed: u64) -> String {
     };
     let mut sentence = |min: u64, span: u64| {
         let len = min + next() % span;
-        (0..len)
-            .map(|_| WORDS[(next() % WORDS.len() as u64) as usize])
-            .collect::<Vec<_>>()
-            .join(" ")
+        (0..len).map(|_| WORDS[(next() % WORDS.len() as u64) as usize]).collect::<Vec<_>>().join(" ")
     };
     let mut out = String::new();
     for i in 0..n {
@@ -108,8 +101,7 @@ pub fn run_ok(args: &[&str]) -> String {
 /// Spawns `c`, waits until `ready()` holds (polling every 2 ms), then kills it with SIGKILL.
 /// Returns whether the kill hit a running process (false: it had already exited).
 pub fn kill_when(mut c: Command, timeout: Duration, ready: impl Fn() -> bool) -> bool {
-    c.stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null());
+    c.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null());
     let mut child: Child = c.spawn().expect("spawn specforge-rs");
     let start = Instant::now();
     loop {
@@ -119,10 +111,7 @@ pub fn kill_when(mut c: Command, timeout: Duration, ready: impl Fn() -> bool) ->
         if ready() {
             break;
         }
-        assert!(
-            start.elapsed() < timeout,
-            "the process never reached the kill point"
-        );
+        assert!(start.elapsed() < timeout, "the process never reached the kill point");
         std::thread::sleep(Duration::from_millis(2));
     }
     // SAFETY: plain kill(2) on our own child's pid.
@@ -135,9 +124,7 @@ pub fn kill_when(mut c: Command, timeout: Duration, ready: impl Fn() -> bool) ->
 
 /// Lines of a file (empty when missing).
 pub fn count_lines(p: &Path) -> usize {
-    std::fs::read(p)
-        .map(|b| b.iter().filter(|&&c| c == b'\n').count())
-        .unwrap_or(0)
+    std::fs::read(p).map(|b| b.iter().filter(|&&c| c == b'\n').count()).unwrap_or(0)
 }
 
 /// Number of shards `manifest.json` in `dir` lists (0 when it is absent or half-written).

@@ -524,19 +524,21 @@ def write_chunk(out, samples_tensors, hidden, aux_ids, target_cfg_json, sample_i
     os.replace(tmp, out / name)
     data = (out / name).read_bytes()
     cfg_obj = json.loads(target_cfg_json)
-    # config_hash: xxh3-64 of the canonical (keys sorted) config.json. Float spelling may differ
-    # from serde_json's, so the lead may still need to align it; "" without xxhash.
-    config_hash = (xxhash.xxh3_64_hexdigest(json.dumps(cfg_obj, sort_keys=True, separators=(",", ":")).encode())
-                   if xxhash is not None else "")
+    # config_hash: xxh3-64 of the target's config.json bytes (docs/shard-format.md).
+    config_hash = xxhash.xxh3_64_hexdigest(target_cfg_json.encode())
     manifest = {
         "format": "specforge-shards", "version": 1,
         "target": {"name": "tiny-random-llama", "model_type": cfg_obj.get("model_type", "llama"),
-                   "config_hash": config_hash, "vocab_size": cfg_obj["vocab_size"]},
+                   "config_hash": config_hash, "vocab_size": cfg_obj["vocab_size"],
+                   "num_hidden_layers": cfg_obj["num_hidden_layers"]},
         "aux_layer_ids": aux_ids, "hidden_size": hidden, "dtype": "bf16",
         "samples": len(lens), "tokens": int(offsets[-1]),
         "shards": [{"file": name, "samples": len(lens), "tokens": int(offsets[-1]), "bytes": len(data),
-                    "xxh3": xxhash.xxh3_64_hexdigest(data) if xxhash is not None else "",
-                    "first_sample": 0}],
+                    "xxh3": xxhash.xxh3_64_hexdigest(data), "first_sample": 0, "rank": 0}],
+        "run": {"dataset": "random (ttt_reference.py make)", "dataset_xxh3": "", "max_len": max(lens),
+                "truncation": "none", "compute_dtype": "f32", "world_size": 1, "shard_bytes": len(data),
+                "planned_samples": len(lens), "planned_tokens": int(offsets[-1])},
+        "complete": True,
     }
     tmp = out / "manifest.json.tmp"
     tmp.write_text(json.dumps(manifest, indent=2) + "\n")
