@@ -36,7 +36,7 @@ pub struct TrainArgs {
 }
 
 /// Opens chunks and checks they were extracted from `head`'s target with the draft's aux ids.
-pub fn open_chunks(dirs: &[PathBuf], head: &TargetHead, cfg: &Eagle3Config) -> anyhow::Result<Vec<Chunk>> {
+pub fn open_chunks(dirs: &[PathBuf], head: &TargetHead, aux_layer_ids: &[i64]) -> anyhow::Result<Vec<Chunk>> {
     if dirs.is_empty() {
         bail!("no feature chunks: give --features or set data.features in the recipe");
     }
@@ -53,18 +53,17 @@ pub fn open_chunks(dirs: &[PathBuf], head: &TargetHead, cfg: &Eagle3Config) -> a
                 head.dir.display()
             );
         }
-        if m.aux_layer_ids != cfg.aux_layer_ids {
+        if m.aux_layer_ids != aux_layer_ids || m.hidden_size != head.cfg.hidden_size {
             bail!(
-                "{}: shards hold aux ids {:?}, the draft reads {:?} (aux width {} vs {})",
+                "{}: shards hold aux ids {:?} of width {}, the draft reads {:?} of the target's width {} (aux width {} vs {})",
                 d.display(),
                 m.aux_layer_ids,
-                cfg.aux_layer_ids,
+                m.hidden_size,
+                aux_layer_ids,
+                head.cfg.hidden_size,
                 m.aux_layer_ids.len() as i64 * m.hidden_size,
-                cfg.num_aux() * cfg.target_hidden_size
+                aux_layer_ids.len() as i64 * head.cfg.hidden_size
             );
-        }
-        if m.hidden_size != cfg.target_hidden_size {
-            bail!("{}: shards have hidden size {}, the draft expects {}", d.display(), m.hidden_size, cfg.target_hidden_size);
         }
         chunks.push(c);
     }
@@ -88,9 +87,9 @@ pub fn run(a: TrainArgs) -> anyhow::Result<()> {
     let head = TargetHead::load(&dir, Kind::Float, device)?;
     let comm =
         crate::dist::collective_from_env(recipe.train.ddp_bucket_mb, std::time::Duration::from_secs(recipe.train.collective_timeout_s))?;
-    let draft = build_draft(&recipe, &head, a.init.as_deref(), device)?;
     let features = if a.features.is_empty() { recipe.data.features.clone() } else { a.features.clone() };
-    let chunks = open_chunks(&features, &head, &draft.cfg)?;
+    let chunks = open_chunks(&features, &head, &recipe.draft.aux_layer_ids)?;
+    let draft = build_draft(&recipe, &head, a.init.as_deref(), device)?;
     let opts = crate::extract::reader::BatchOptions {
         token_budget: recipe.train.token_budget as usize,
         max_batch_size: recipe.train.max_batch_size,
@@ -163,7 +162,7 @@ pub fn run_step(a: TrainStepArgs) -> anyhow::Result<()> {
     let device = Device::Cpu;
     let draft = Eagle3Draft::load(&a.draft, device)?;
     let head = TargetHead::load(&registry::resolve(a.target.to_str().unwrap_or_default())?, Kind::Float, device)?;
-    let chunks = open_chunks(std::slice::from_ref(&a.features), &head, &draft.cfg)?;
+    let chunks = open_chunks(std::slice::from_ref(&a.features), &head, &draft.cfg.aux_layer_ids)?;
     let c = &chunks[0];
     let samples: Vec<SampleRef> = (0..c.num_samples()).map(|s| SampleRef { chunk: 0, sample: s as u32 }).collect();
     let seq_len = (0..c.num_samples()).map(|s| c.sample_len(s)).max().unwrap_or(0);

@@ -113,7 +113,7 @@ impl Eagle3Draft {
     /// A freshly initialised draft (Llama init: normal(0, 0.02) matrices, unit norms) with an
     /// identity-free vocabulary mapping given by `t2d` (`[V]` bool with Vd trues).
     pub fn new(cfg: Eagle3Config, t2d: &Tensor, device: Device) -> Result<Self> {
-        cfg.validate(Path::new("<draft config>"))?;
+        cfg.validate(Path::new("draft config (recipe [draft] / config.json)"))?;
         let vs = VarStore::new(device);
         let root = vs.root();
         let (h, t, a) = (cfg.hidden_size, cfg.target_hidden_size, cfg.num_aux());
