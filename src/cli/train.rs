@@ -156,6 +156,10 @@ pub struct TrainStepArgs {
     /// Also save the gradients (safetensors, the head's tensor names).
     #[arg(long)]
     grads: Option<PathBuf>,
+    /// Benchmark: after the step, time this many more forward + backward passes and print
+    /// `bench_ttt impl=specforge-rs ... tokens_per_s=X`.
+    #[arg(long, default_value_t = 0)]
+    repeat: usize,
 }
 
 pub fn run_step(a: TrainStepArgs) -> anyhow::Result<()> {
@@ -200,6 +204,27 @@ pub fn run_step(a: TrainStepArgs) -> anyhow::Result<()> {
         let grads: Vec<(String, Tensor)> =
             draft.named_parameters().into_iter().map(|(n, p)| (n, p.grad())).filter(|(_, g)| g.defined()).collect();
         crate::weights::save_safetensors(g, &grads, None)?;
+    }
+    if a.repeat > 0 {
+        let params = draft.named_parameters();
+        let start = std::time::Instant::now();
+        for _ in 0..a.repeat {
+            for (_, p) in &params {
+                let mut g = p.grad();
+                if g.defined() {
+                    let _ = g.zero_();
+                }
+            }
+            ttt_forward(&draft, &head.embed_tokens, &head.lm_head, &batch, a.ttt, a.decay)?.weighted_loss.backward();
+        }
+        let secs = start.elapsed().as_secs_f64() / a.repeat as f64;
+        let tokens: i64 = b.lengths.iter().sum();
+        println!(
+            "bench_ttt impl=specforge-rs ttt={} tokens={tokens} threads={} step_s={secs:.3} tokens_per_s={:.1}",
+            a.ttt,
+            tch::get_num_threads(),
+            tokens as f64 / secs
+        );
     }
     Ok(())
 }
