@@ -15,7 +15,7 @@ use specforge_rs::generate::{generate, GenerateOptions};
 use specforge_rs::target::qwen3_5::{
     chunk_gated_delta_rule, recurrent_gated_delta_rule, Mixer, Qwen35Model,
 };
-use specforge_rs::target::{self, Cache, ForwardInput, TargetModel, TargetOutput};
+use specforge_rs::target::{self, Cache, ForwardInput, LayerCache, TargetModel, TargetOutput};
 use specforge_rs::weights::WeightSource;
 use tch::{Device, Kind, Tensor};
 
@@ -521,4 +521,41 @@ fn bad_checkpoints_give_clear_errors() {
         e.contains("unexpected") && e.contains("layers.3.linear_attn.A_log"),
         "{e}"
     );
+}
+
+#[test]
+fn invalid_inputs_give_errors() {
+    let (model, g) = load("interval", Kind::Float);
+    let err = |ids: &Tensor, cache: Option<&mut Cache>| match tch::no_grad(|| {
+        model.forward(
+            &ForwardInput {
+                input_ids: ids,
+                attention_mask: None,
+                position_ids: None,
+                capture: &[],
+            },
+            cache,
+        )
+    }) {
+        Ok(_) => panic!("forward should fail"),
+        Err(e) => e.to_string(),
+    };
+    let empty = Tensor::zeros([1, 0], (Kind::Int64, Device::Cpu));
+    let e = err(&empty, None);
+    assert!(e.contains("empty"), "{e}");
+    let bad = Tensor::from_slice(&[3i64, 128]).view([1, 2]);
+    let e = err(&bad, None);
+    assert!(e.contains("out of range"), "{e}");
+    // A cache whose layer 0 (linear attention) holds attention keys/values.
+    let ids = g["ids_63"].narrow(1, 0, 4);
+    let mut cache = Cache::new(8);
+    cache.layers[0] = Some(LayerCache::Kv {
+        k: Tensor::zeros([1, 2, 3, 32], (Kind::Float, Device::Cpu)),
+        v: Tensor::zeros([1, 2, 3, 32], (Kind::Float, Device::Cpu)),
+    });
+    let e = err(&ids, Some(&mut cache));
+    assert!(e.contains("linear-attention layer"), "{e}");
+    let mut short = Cache::new(4);
+    let e = err(&ids, Some(&mut short));
+    assert!(e.contains("cache has 4 layers"), "{e}");
 }

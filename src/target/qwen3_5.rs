@@ -449,10 +449,10 @@ impl GatedDeltaNet {
                 (act, window)
             }
             Some((conv, _)) => {
+                // transformers keeps K past columns, not K-1, and convolves [K past | new]. Its
+                // oldest column only reaches outputs that are dropped, so a zero column stands in
+                // for it: the kept outputs are the same products, in the same call shapes.
                 let window = Tensor::cat(&[conv, &mixed], 2); // [B, C, K-1+T]
-                                                              // transformers keeps K past columns, not K-1, and convolves [K past | new]. Its
-                                                              // oldest column only reaches outputs that are dropped, so a zero column stands in
-                                                              // for it: the kept outputs are the same products, in the same call shapes.
                 let full = Tensor::cat(&[&conv.zeros_like().narrow(2, 0, 1), &window], 2)
                     .to_kind(w.kind()); // [B, C, K+T]
                 let act = if t == 1 {
@@ -705,8 +705,11 @@ impl TargetModel for Qwen35Model {
             )?,
             None => prepare(&self.cfg, input, past, kind)?,
         };
-        if p.t == 0 {
-            return Err(Error::Input("input_ids has no tokens (T = 0)".into()));
+        if p.t == 0 || p.b == 0 {
+            return Err(Error::Input(format!(
+                "input_ids is empty: [{}, {}]",
+                p.b, p.t
+            )));
         }
         let ids = input.input_ids;
         let vocab = self.cfg.vocab_size;
