@@ -476,11 +476,14 @@ fn mixed_dtype_vlm_checkpoint_in_bf16() {
     eprintln!("vlm bf16 (T=65): max rel err {worst:.2e}");
 }
 
+/// Edits a checkpoint's (name, tensor) list.
+type Edit<'a> = dyn Fn(&mut Vec<(String, Tensor)>) + 'a;
+
 #[test]
 fn bad_checkpoints_give_clear_errors() {
     let src_dir = refdir().join("vlm");
     let tensors = load_all(&src_dir.join("model.safetensors"));
-    let rewrite = |edit: &dyn Fn(&mut Vec<(String, Tensor)>)| {
+    let rewrite = |edit: &Edit<'_>| {
         let d = tempfile::tempdir().unwrap();
         std::fs::copy(src_dir.join("config.json"), d.path().join("config.json")).unwrap();
         let mut v: Vec<(String, Tensor)> = tensors

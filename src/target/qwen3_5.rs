@@ -654,7 +654,7 @@ pub fn recurrent_gated_delta_rule(
     let mut outs = Vec::with_capacity(t as usize);
     for i in 0..t {
         let (q_t, k_t, v_t) = (q.select(2, i), k.select(2, i), v.select(2, i)); // [B, H, d]
-        state = state * g.select(2, i).exp().unsqueeze(-1).unsqueeze(-1);
+        state = &state * g.select(2, i).exp().unsqueeze(-1).unsqueeze(-1);
         let kv_mem = (&state * k_t.unsqueeze(-1)).sum_dim_intlist(-2, false, Kind::Float);
         let delta = (v_t - kv_mem) * beta.select(2, i).unsqueeze(-1);
         state = &state + k_t.unsqueeze(-1) * delta.unsqueeze(-2);
@@ -770,7 +770,7 @@ impl TargetModel for Qwen35Model {
                 }
                 Mixer::LinearAttn(la) => la.forward(&x, pad_mask.as_ref(), eps, slot)?,
             };
-            h = h + mixed;
+            h = &h + mixed;
             let x = rms_norm_zero_centred(&h, &layer.post_attention_layernorm, eps);
             h = &h + layer.mlp.forward(&x);
         }
