@@ -8,7 +8,7 @@ fallbacks because fla / causal_conv1d are not installed) and then `examples/qwen
 (release build) on the same checkpoint and inputs, and prints a markdown table with the ratios.
 
 Run from the repository root:  .venv/bin/python scripts/bench_qwen35.py [--forward-t 2048]
-    [--kernel-t 4096] [--repeats 5]
+    [--kernel-t 4096] [--repeats 5] [--rounds 3]   (OMP_NUM_THREADS=1 for one thread on both sides)
 """
 import argparse
 import pathlib
@@ -46,6 +46,7 @@ def main():
     ap.add_argument("--forward-t", type=int, default=2048)
     ap.add_argument("--kernel-t", type=int, default=4096)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
 
     subprocess.run(["cargo", "build", "--release", "--example", "qwen35_bench"], cwd=ROOT, check=True)
@@ -76,32 +77,42 @@ def main():
         tmp = pathlib.Path(tmp)
         model.save_pretrained(tmp / "model", safe_serialization=True)
         save_file(inputs, str(tmp / "inputs.safetensors"))
-
         ids = inputs["input_ids"]
-        with torch.no_grad():
-            hf_forward = median(args.repeats, lambda: model(input_ids=ids, use_cache=False,
-                                                             output_hidden_states=True))
-            kw = dict(g=inputs["g"], beta=inputs["beta"], use_qk_l2norm_in_kernel=True)
-            qkv = (inputs["q"], inputs["k"], inputs["v"])
-            hf_chunk = median(args.repeats, lambda: mq.torch_chunk_gated_delta_rule(*qkv, **kw))
-            hf_recurrent = median(min(args.repeats, 3), lambda: mq.torch_recurrent_gated_delta_rule(*qkv, **kw))
-
+        kw = dict(g=inputs["g"], beta=inputs["beta"], use_qk_l2norm_in_kernel=True)
+        qkv = (inputs["q"], inputs["k"], inputs["v"])
         exe = ROOT / "target/release/examples/qwen35_bench"
-        out = subprocess.run([str(exe), str(tmp / "model"), str(args.forward_t), str(T), str(args.repeats),
-                              str(tmp / "inputs.safetensors")], check=True, capture_output=True, text=True).stdout
-    ours = {k: float(v) for k, v in (line.split() for line in out.strip().splitlines())}
+        # Alternate the two implementations round by round, so that a change in machine load
+        # during the run hits both alike; report per-quantity medians over the rounds.
+        rounds = []
+        for _ in range(args.rounds):
+            hf = {}
+            with torch.no_grad():
+                hf["forward"] = median(args.repeats, lambda: model(input_ids=ids, use_cache=False,
+                                                                    output_hidden_states=True))
+                hf["chunk"] = median(args.repeats, lambda: mq.torch_chunk_gated_delta_rule(*qkv, **kw))
+                hf["recurrent"] = median(min(args.repeats, 3),
+                                         lambda: mq.torch_recurrent_gated_delta_rule(*qkv, **kw))
+            out = subprocess.run([str(exe), str(tmp / "model"), str(args.forward_t), str(T), str(args.repeats),
+                                  str(tmp / "inputs.safetensors")], check=True, capture_output=True, text=True).stdout
+            ours = {k: float(v) for k, v in (line.split() for line in out.strip().splitlines())}
+            rounds.append((ours, hf, open("/proc/loadavg").read().split()[0]))
+
+    def med(side, key):
+        return statistics.median(r[side][key] for r in rounds)
+
+    def ratio(key):
+        return statistics.median(r[0][key] / r[1][key] for r in rounds)
 
     print(f"torch threads: {torch.get_num_threads()}, forward T={args.forward_t}, kernel T={T}, "
-          f"median of {args.repeats} (recurrent: {min(args.repeats, 3)})\n")
+          f"{args.rounds} alternating rounds of median-of-{args.repeats} (recurrent: {min(args.repeats, 3)}), "
+          f"1-min load average after each round: {', '.join(r[2] for r in rounds)}\n")
     print("| measurement | ours (s) | transformers (s) | ours / transformers |")
     print("|---|---|---|---|")
-    print(f"| full forward, 8 layers, T={args.forward_t} | {ours['forward']:.3f} | {hf_forward:.3f} | "
-          f"{ours['forward'] / hf_forward:.2f} |")
-    print(f"| chunked delta rule, T={T} | {ours['chunk']:.3f} | {hf_chunk:.3f} | {ours['chunk'] / hf_chunk:.2f} |")
-    print(f"| recurrent delta rule, T={T} | {ours['recurrent']:.3f} | {hf_recurrent:.3f} | "
-          f"{ours['recurrent'] / hf_recurrent:.2f} |")
-    print(f"\nrecurrent / chunked: ours {ours['recurrent'] / ours['chunk']:.1f}x, "
-          f"transformers {hf_recurrent / hf_chunk:.1f}x")
+    for key, label in [("forward", f"full forward, 8 layers, T={args.forward_t}"),
+                       ("chunk", f"chunked delta rule, T={T}"), ("recurrent", f"recurrent delta rule, T={T}")]:
+        print(f"| {label} | {med(0, key):.3f} | {med(1, key):.3f} | {ratio(key):.2f} |")
+    rec_chunk = lambda side: statistics.median(r[side]["recurrent"] / r[side]["chunk"] for r in rounds)
+    print(f"\nrecurrent / chunked: ours {rec_chunk(0):.1f}x, transformers {rec_chunk(1):.1f}x")
 
 
 if __name__ == "__main__":
