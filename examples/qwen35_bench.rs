@@ -36,13 +36,8 @@ fn main() -> Result<()> {
     let forward_t: i64 = args[2].parse().context("FORWARD_T")?;
     let kernel_t: i64 = args[3].parse().context("KERNEL_T")?;
     let repeats: usize = args[4].parse().context("REPEATS")?;
-    let inputs: std::collections::HashMap<String, Tensor> =
-        Tensor::read_safetensors(&args[5])?.into_iter().collect();
-    let get = |k: &str| {
-        inputs
-            .get(k)
-            .with_context(|| format!("{k} missing in {}", args[5]))
-    };
+    let inputs: std::collections::HashMap<String, Tensor> = Tensor::read_safetensors(&args[5])?.into_iter().collect();
+    let get = |k: &str| inputs.get(k).with_context(|| format!("{k} missing in {}", args[5]));
     eprintln!("libtorch threads: {}", tch::get_num_threads());
 
     let model = target::load(&dir, Kind::Float, Device::Cpu)?;
@@ -51,15 +46,7 @@ fn main() -> Result<()> {
         let mut err = None;
         let s = median_secs(repeats, || {
             // Logits too, as transformers' CausalLM forward computes them.
-            match model.forward(
-                &ForwardInput {
-                    input_ids: &ids,
-                    attention_mask: None,
-                    position_ids: None,
-                    capture: &[3, 7],
-                },
-                None,
-            ) {
+            match model.forward(&ForwardInput { input_ids: &ids, attention_mask: None, position_ids: None, capture: &[3, 7] }, None) {
                 Ok(o) => drop(model.logits(&o.last_hidden)),
                 Err(e) => err = Some(e),
             }

@@ -12,9 +12,7 @@ use std::path::PathBuf;
 use common::*;
 use specforge_rs::config::TargetConfig;
 use specforge_rs::generate::{generate, GenerateOptions};
-use specforge_rs::target::qwen3_5::{
-    chunk_gated_delta_rule, recurrent_gated_delta_rule, Mixer, Qwen35Model,
-};
+use specforge_rs::target::qwen3_5::{chunk_gated_delta_rule, recurrent_gated_delta_rule, Mixer, Qwen35Model};
 use specforge_rs::target::{self, Cache, ForwardInput, LayerCache, TargetModel, TargetOutput};
 use specforge_rs::weights::WeightSource;
 use tch::{Device, Kind, Tensor};
@@ -43,18 +41,7 @@ fn run(
     capture: &[i64],
     cache: Option<&mut Cache>,
 ) -> TargetOutput {
-    tch::no_grad(|| {
-        model.forward(
-            &ForwardInput {
-                input_ids: ids,
-                attention_mask: mask,
-                position_ids: pos,
-                capture,
-            },
-            cache,
-        )
-    })
-    .unwrap()
+    tch::no_grad(|| model.forward(&ForwardInput { input_ids: ids, attention_mask: mask, position_ids: pos, capture }, cache)).unwrap()
 }
 
 /// Compares every aux id, last_hidden and logits of `out` with goldens `{prefix}{k}`,
@@ -76,18 +63,11 @@ fn check_all(
     let mut worst: f64 = 0.0;
     let mut cmp = |name: String, a: &Tensor, e: &Tensor| {
         let r = rel_err(&a.get(b).narrow(0, 0, n), &e.get(b).narrow(0, 0, n));
-        assert!(
-            r <= tol,
-            "{what} {name}: relative error {r:.3e} > {tol:.1e}"
-        );
+        assert!(r <= tol, "{what} {name}: relative error {r:.3e} > {tol:.1e}");
         worst = worst.max(r);
     };
     for k in 0..=l {
-        cmp(
-            format!("aux {k}"),
-            &out.aux[k as usize],
-            &g[&format!("{h_prefix}{k}")],
-        );
+        cmp(format!("aux {k}"), &out.aux[k as usize], &g[&format!("{h_prefix}{k}")]);
     }
     cmp("last_hidden".into(), &out.last_hidden, &g[last]);
     cmp("logits".into(), &model.logits(&out.last_hidden), &g[logits]);
@@ -164,34 +144,16 @@ fn extraction_capture_ids_equal_transformers_hidden_states() {
     let out = run(model.as_ref(), ids, None, None, &capture, None);
     assert_eq!(out.aux.len(), 2);
     for (a, k) in out.aux.iter().zip(capture) {
-        assert_close(
-            &format!("aux {k}"),
-            a,
-            &g[&format!("h300_{k}")],
-            Kind::Float,
-        );
+        assert_close(&format!("aux {k}"), a, &g[&format!("h300_{k}")], Kind::Float);
     }
     // Request order and duplicates are kept; id L is the pre-norm output of the last layer.
     let capture = [8i64, 3, 0, 3];
     let out = run(model.as_ref(), ids, None, None, &capture, None);
     for (a, k) in out.aux.iter().zip(capture) {
-        assert_close(
-            &format!("aux {k}"),
-            a,
-            &g[&format!("h300_{k}")],
-            Kind::Float,
-        );
+        assert_close(&format!("aux {k}"), a, &g[&format!("h300_{k}")], Kind::Float);
     }
     let e = model
-        .forward(
-            &ForwardInput {
-                input_ids: ids,
-                attention_mask: None,
-                position_ids: None,
-                capture: &[9],
-            },
-            None,
-        )
+        .forward(&ForwardInput { input_ids: ids, attention_mask: None, position_ids: None, capture: &[9] }, None)
         .unwrap_err()
         .to_string();
     assert!(e.contains("aux layer id 9") && e.contains("0..=8"), "{e}");
@@ -205,41 +167,20 @@ fn mrope_positions_match_transformers() {
     let capture: Vec<i64> = (0..=l).collect();
     let out = run(model.as_ref(), ids, None, Some(pos), &capture, None);
     let t = ids.size()[1];
-    let worst = check_all(
-        "mrope",
-        model.as_ref(),
-        &out,
-        &g,
-        "mrope_h_",
-        "mrope_last",
-        "mrope_logits",
-        0,
-        t,
-        tol_for(Kind::Float),
-    );
+    let worst = check_all("mrope", model.as_ref(), &out, &g, "mrope_h_", "mrope_last", "mrope_logits", 0, t, tol_for(Kind::Float));
     eprintln!("mrope [3, 1, {t}] positions: max rel err {worst:.2e}");
     // [4, B, T]: a text row first (ignored by the rotary), as transformers accepts it.
     let pos4 = Tensor::cat(&[&pos.get(0).unsqueeze(0), pos], 0);
     let out4 = run(model.as_ref(), ids, None, Some(&pos4), &[], None);
     assert!(out4.last_hidden.equal(&out.last_hidden));
     // Equal streams are plain RoPE.
-    let flat = Tensor::arange(t, (Kind::Int64, Device::Cpu))
-        .view([1, 1, t])
-        .repeat([3, 1, 1]);
+    let flat = Tensor::arange(t, (Kind::Int64, Device::Cpu)).view([1, 1, t]).repeat([3, 1, 1]);
     let a = run(model.as_ref(), ids, None, Some(&flat), &[], None);
     let b = run(model.as_ref(), ids, None, None, &[], None);
     assert_close("equal streams", &a.last_hidden, &b.last_hidden, Kind::Float);
     let bad = Tensor::zeros([3, 2, t], (Kind::Int64, Device::Cpu));
     let e = model
-        .forward(
-            &ForwardInput {
-                input_ids: ids,
-                attention_mask: None,
-                position_ids: Some(&bad),
-                capture: &[],
-            },
-            None,
-        )
+        .forward(&ForwardInput { input_ids: ids, attention_mask: None, position_ids: Some(&bad), capture: &[] }, None)
         .unwrap_err()
         .to_string();
     assert!(e.contains("position_ids"), "{e}");
@@ -272,11 +213,7 @@ fn chunked_delta_rule_equals_recurrent() {
         assert_eq!(cs.size(), [2, 3, 16, 8]);
         assert_close(&format!("T={t} output"), &co, &ro, Kind::Float);
         assert_close(&format!("T={t} state"), &cs, &rs, Kind::Float);
-        eprintln!(
-            "T={t}: chunked vs recurrent output {:.2e}, state {:.2e}",
-            rel_err(&co, &ro),
-            rel_err(&cs, &rs)
-        );
+        eprintln!("T={t}: chunked vs recurrent output {:.2e}, state {:.2e}", rel_err(&co, &ro), rel_err(&cs, &rs));
         // Splitting the sequence and carrying the state is the same computation.
         if t > 100 {
             let (a, sa) = chunk_gated_delta_rule(
@@ -289,50 +226,20 @@ fn chunked_delta_rule_equals_recurrent() {
                 64,
             );
             let rest = |x: &Tensor| x.narrow(1, 70, t - 70);
-            let (b, sb) = chunk_gated_delta_rule(
-                &rest(&q),
-                &rest(&k),
-                &rest(&v),
-                &rest(&g),
-                &rest(&beta),
-                Some(&sa),
-                64,
-            );
+            let (b, sb) = chunk_gated_delta_rule(&rest(&q), &rest(&k), &rest(&v), &rest(&g), &rest(&beta), Some(&sa), 64);
             assert_close("split output", &Tensor::cat(&[a, b], 1), &ro, Kind::Float);
             assert!(rel_err(&sb, &rs) <= tol);
         }
     }
     // And both against transformers' own kernels.
     let kg = load_all(&refdir().join("kernel.safetensors"));
-    let (q, k, v, g, beta, s0) = (
-        &kg["q"],
-        &kg["k"],
-        &kg["v"],
-        &kg["g"],
-        &kg["beta"],
-        &kg["initial_state"],
-    );
+    let (q, k, v, g, beta, s0) = (&kg["q"], &kg["k"], &kg["v"], &kg["g"], &kg["beta"], &kg["initial_state"]);
     let (co, cs) = chunk_gated_delta_rule(q, k, v, g, beta, Some(s0), 64);
     let (ro, rs) = recurrent_gated_delta_rule(q, k, v, g, beta, Some(s0));
     assert_close("chunk vs transformers", &co, &kg["chunk_out"], Kind::Float);
-    assert_close(
-        "chunk state vs transformers",
-        &cs,
-        &kg["chunk_state"],
-        Kind::Float,
-    );
-    assert_close(
-        "recurrent vs transformers",
-        &ro,
-        &kg["recurrent_out"],
-        Kind::Float,
-    );
-    assert_close(
-        "recurrent state vs transformers",
-        &rs,
-        &kg["recurrent_state"],
-        Kind::Float,
-    );
+    assert_close("chunk state vs transformers", &cs, &kg["chunk_state"], Kind::Float);
+    assert_close("recurrent vs transformers", &ro, &kg["recurrent_out"], Kind::Float);
+    assert_close("recurrent state vs transformers", &rs, &kg["recurrent_state"], Kind::Float);
 }
 
 /// Decoding with the cache (prefill, a multi-token chunk on top of the cache, single tokens; and
@@ -347,18 +254,8 @@ fn chunked_delta_rule_equals_recurrent() {
 #[test]
 fn cached_decoding_equals_transformers_and_full_forward() {
     let capture = [3i64, 7];
-    let schedules: [&[(i64, i64)]; 2] = [
-        &[
-            (0, 70),
-            (70, 67),
-            (137, 1),
-            (138, 1),
-            (139, 1),
-            (140, 1),
-            (141, 9),
-        ],
-        &[(0, 2), (2, 1), (3, 1), (4, 66), (70, 1), (71, 79)],
-    ];
+    let schedules: [&[(i64, i64)]; 2] =
+        [&[(0, 70), (70, 67), (137, 1), (138, 1), (139, 1), (140, 1), (141, 9)], &[(0, 2), (2, 1), (3, 1), (4, 66), (70, 1), (71, 79)]];
     for case in CASES {
         let (model, g) = load(case, Kind::Float);
         let ids = g["ids_300"].narrow(1, 0, 150);
@@ -367,25 +264,14 @@ fn cached_decoding_equals_transformers_and_full_forward() {
             let mut cache = Cache::new(model.config().num_hidden_layers);
             let (mut last, mut aux3, mut aux7) = (Vec::new(), Vec::new(), Vec::new());
             for &(start, len) in schedule.iter() {
-                let o = run(
-                    model.as_ref(),
-                    &ids.narrow(1, start, len),
-                    None,
-                    None,
-                    &capture,
-                    Some(&mut cache),
-                );
+                let o = run(model.as_ref(), &ids.narrow(1, start, len), None, None, &capture, Some(&mut cache));
                 last.push(o.last_hidden);
                 let mut a = o.aux.into_iter();
                 aux3.push(a.next().unwrap());
                 aux7.push(a.next().unwrap());
             }
             assert_eq!(cache.seq_len, 150);
-            let (last, aux3, aux7) = (
-                Tensor::cat(&last, 1),
-                Tensor::cat(&aux3, 1),
-                Tensor::cat(&aux7, 1),
-            );
+            let (last, aux3, aux7) = (Tensor::cat(&last, 1), Tensor::cat(&aux3, 1), Tensor::cat(&aux7, 1));
             let what = format!("{case} schedule {s}");
             let mut worst_hf: f64 = 0.0;
             for (name, ours, want) in [
@@ -394,18 +280,13 @@ fn cached_decoding_equals_transformers_and_full_forward() {
                 ("aux 7", &aux7, &g[&format!("cached{s}_h_7")]),
             ] {
                 let r = rel_err(ours, want);
-                assert!(
-                    r <= tol_for(Kind::Float),
-                    "{what} {name} vs transformers' cached decoding: {r:.3e}"
-                );
+                assert!(r <= tol_for(Kind::Float), "{what} {name} vs transformers' cached decoding: {r:.3e}");
                 worst_hf = worst_hf.max(r);
             }
             let mut worst_full: f64 = 0.0;
-            for (name, ours, want) in [
-                ("last_hidden", &last, &full.last_hidden),
-                ("aux 3", &aux3, &full.aux[0]),
-                ("aux 7", &aux7, &full.aux[1]),
-            ] {
+            for (name, ours, want) in
+                [("last_hidden", &last, &full.last_hidden), ("aux 3", &aux3, &full.aux[0]), ("aux 7", &aux7, &full.aux[1])]
+            {
                 let r = rel_err(ours, want);
                 assert!(r <= 1e-4, "{what} {name} vs the full forward: {r:.3e}");
                 worst_full = worst_full.max(r);
@@ -422,16 +303,9 @@ fn cached_decoding_equals_transformers_and_full_forward() {
 fn greedy_generation_matches_transformers() {
     for case in CASES {
         let (model, g) = load(case, Kind::Float);
-        let prompts: Vec<Vec<i64>> = (0..3)
-            .map(|i| Vec::try_from(g[&format!("gen_prompt_{i}")].get(0)).unwrap())
-            .collect();
-        let want: Vec<Vec<i64>> = (0..3)
-            .map(|i| Vec::try_from(g[&format!("gen_out_{i}")].get(0)).unwrap())
-            .collect();
-        let opts = GenerateOptions {
-            max_new_tokens: 20,
-            ..GenerateOptions::default()
-        };
+        let prompts: Vec<Vec<i64>> = (0..3).map(|i| Vec::try_from(g[&format!("gen_prompt_{i}")].get(0)).unwrap()).collect();
+        let want: Vec<Vec<i64>> = (0..3).map(|i| Vec::try_from(g[&format!("gen_out_{i}")].get(0)).unwrap()).collect();
+        let opts = GenerateOptions { max_new_tokens: 20, ..GenerateOptions::default() };
         // Batched: unequal prompts are left-padded, which the DeltaNet layers must not see.
         let got = generate(model.as_ref(), &prompts, &opts, Device::Cpu).unwrap();
         assert_eq!(got, want, "{case}: batched greedy generation");
@@ -461,18 +335,7 @@ fn mixed_dtype_vlm_checkpoint_in_bf16() {
     let ids = &g["bf16_ids"];
     let capture: Vec<i64> = (0..=8).collect();
     let out = run(&model, ids, None, None, &capture, None);
-    let worst = check_all(
-        "vlm bf16",
-        &model,
-        &out,
-        &g,
-        "bf16_h_",
-        "bf16_last",
-        "bf16_logits",
-        0,
-        ids.size()[1],
-        tol_for(Kind::BFloat16),
-    );
+    let worst = check_all("vlm bf16", &model, &out, &g, "bf16_h_", "bf16_last", "bf16_logits", 0, ids.size()[1], tol_for(Kind::BFloat16));
     eprintln!("vlm bf16 (T=65): max rel err {worst:.2e}");
 }
 
@@ -486,13 +349,9 @@ fn bad_checkpoints_give_clear_errors() {
     let rewrite = |edit: &Edit<'_>| {
         let d = tempfile::tempdir().unwrap();
         std::fs::copy(src_dir.join("config.json"), d.path().join("config.json")).unwrap();
-        let mut v: Vec<(String, Tensor)> = tensors
-            .iter()
-            .map(|(k, t)| (k.clone(), t.shallow_clone()))
-            .collect();
+        let mut v: Vec<(String, Tensor)> = tensors.iter().map(|(k, t)| (k.clone(), t.shallow_clone())).collect();
         edit(&mut v);
-        specforge_rs::weights::save_safetensors(&d.path().join("model.safetensors"), &v, None)
-            .unwrap();
+        specforge_rs::weights::save_safetensors(&d.path().join("model.safetensors"), &v, None).unwrap();
         d
     };
     let err = |dir: &std::path::Path| match target::load(dir, Kind::Float, Device::Cpu) {
@@ -513,32 +372,17 @@ fn bad_checkpoints_give_clear_errors() {
     });
     let e = err(d.path());
     assert!(e.contains(conv) && e.contains("[96, 1, 3]"), "{e}");
-    let d = rewrite(&|v| {
-        v.push((
-            "model.language_model.layers.3.linear_attn.A_log".into(),
-            Tensor::zeros([4], (Kind::Float, Device::Cpu)),
-        ))
-    });
+    let d =
+        rewrite(&|v| v.push(("model.language_model.layers.3.linear_attn.A_log".into(), Tensor::zeros([4], (Kind::Float, Device::Cpu)))));
     let e = err(d.path());
-    assert!(
-        e.contains("unexpected") && e.contains("layers.3.linear_attn.A_log"),
-        "{e}"
-    );
+    assert!(e.contains("unexpected") && e.contains("layers.3.linear_attn.A_log"), "{e}");
 }
 
 #[test]
 fn invalid_inputs_give_errors() {
     let (model, g) = load("interval", Kind::Float);
     let err = |ids: &Tensor, cache: Option<&mut Cache>| match tch::no_grad(|| {
-        model.forward(
-            &ForwardInput {
-                input_ids: ids,
-                attention_mask: None,
-                position_ids: None,
-                capture: &[],
-            },
-            cache,
-        )
+        model.forward(&ForwardInput { input_ids: ids, attention_mask: None, position_ids: None, capture: &[] }, cache)
     }) {
         Ok(_) => panic!("forward should fail"),
         Err(e) => e.to_string(),

@@ -349,7 +349,8 @@ fn resolve_rope(text: &HfConfig, arch: Arch, source: &Path) -> Result<RopeConfig
     let scaling = text.rope_scaling.as_ref().filter(|v| v.is_object());
     let get = |key: &str| -> Option<&Value> { params.and_then(|p| p.get(key)).or_else(|| scaling.and_then(|s| s.get(key))) };
     let num = |key: &str| get(key).and_then(Value::as_f64);
-    let default_theta = if arch == Arch::Qwen3_5 { 10_000_000.0 } else { 10_000.0 };
+    // transformers defaults θ to 10000 for every family here (Qwen3.5 configs state 1e7 explicitly).
+    let default_theta = 10_000.0;
     let theta = num("rope_theta").or(text.rope_theta).unwrap_or(default_theta);
     let rope_type = get("rope_type").or_else(|| get("type")).and_then(Value::as_str).unwrap_or("default");
     let field = |k: &str| format!("rope_parameters.{k}");

@@ -139,28 +139,15 @@ impl Qwen35Model {
     /// # Errors
     /// [`Error::Config`] when the config lacks the linear-attention dims or has a malformed
     /// `mrope_section`; the loader's errors for the checkpoint.
-    pub fn load(
-        cfg: TargetConfig,
-        src: &WeightSource,
-        kind: Kind,
-        device: tch::Device,
-    ) -> Result<Self> {
+    pub fn load(cfg: TargetConfig, src: &WeightSource, kind: Kind, device: tch::Device) -> Result<Self> {
         let la = cfg.linear_attn.clone().ok_or_else(|| {
-            Error::config(
-                &cfg.source,
-                "linear_num_key_heads",
-                "is missing: a qwen3_5 model needs the linear-attention dims",
-            )
+            Error::config(&cfg.source, "linear_num_key_heads", "is missing: a qwen3_5 model needs the linear-attention dims")
         })?;
         if cfg.layer_types.len() as i64 != cfg.num_hidden_layers {
             return Err(Error::config(
                 &cfg.source,
                 "layer_types",
-                format!(
-                    "has {} entries but num_hidden_layers is {}",
-                    cfg.layer_types.len(),
-                    cfg.num_hidden_layers
-                ),
+                format!("has {} entries but num_hidden_layers is {}", cfg.layer_types.len(), cfg.num_hidden_layers),
             ));
         }
         let mrope_section = match cfg.rope.mrope_section.as_deref() {
@@ -174,16 +161,8 @@ impl Qwen35Model {
                 ))
             }
         };
-        let (h, d, nh, nkv) = (
-            cfg.hidden_size,
-            cfg.head_dim,
-            cfg.num_attention_heads,
-            cfg.num_key_value_heads,
-        );
-        let (kd, vd) = (
-            la.num_key_heads * la.key_head_dim,
-            la.num_value_heads * la.value_head_dim,
-        );
+        let (h, d, nh, nkv) = (cfg.hidden_size, cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads);
+        let (kd, vd) = (la.num_key_heads * la.key_head_dim, la.num_value_heads * la.value_head_dim);
         let conv_dim = 2 * kd + vd;
         let mut l = Loader::new(src, kind, device);
         let embed_tokens = l.backbone("embed_tokens.weight", &[cfg.vocab_size, h]);
@@ -194,27 +173,9 @@ impl Qwen35Model {
                 LayerType::FullAttention => {
                     let a = format!("{p}.self_attn");
                     Mixer::SelfAttn(GatedAttention {
-                        q_proj: load_linear(
-                            &mut l,
-                            &format!("{a}.q_proj"),
-                            nh * d * 2,
-                            h,
-                            cfg.qkv_bias,
-                        ),
-                        k_proj: load_linear(
-                            &mut l,
-                            &format!("{a}.k_proj"),
-                            nkv * d,
-                            h,
-                            cfg.qkv_bias,
-                        ),
-                        v_proj: load_linear(
-                            &mut l,
-                            &format!("{a}.v_proj"),
-                            nkv * d,
-                            h,
-                            cfg.qkv_bias,
-                        ),
+                        q_proj: load_linear(&mut l, &format!("{a}.q_proj"), nh * d * 2, h, cfg.qkv_bias),
+                        k_proj: load_linear(&mut l, &format!("{a}.k_proj"), nkv * d, h, cfg.qkv_bias),
+                        v_proj: load_linear(&mut l, &format!("{a}.v_proj"), nkv * d, h, cfg.qkv_bias),
                         o_proj: load_linear(&mut l, &format!("{a}.o_proj"), h, nh * d, cfg.o_bias),
                         q_norm: l.backbone(&format!("{a}.q_norm.weight"), &[d]),
                         k_norm: l.backbone(&format!("{a}.k_norm.weight"), &[d]),
@@ -224,20 +185,11 @@ impl Qwen35Model {
                     let a = format!("{p}.linear_attn");
                     let nv = la.num_value_heads;
                     Mixer::LinearAttn(GatedDeltaNet {
-                        in_proj_qkv: load_linear(
-                            &mut l,
-                            &format!("{a}.in_proj_qkv"),
-                            conv_dim,
-                            h,
-                            false,
-                        ),
+                        in_proj_qkv: load_linear(&mut l, &format!("{a}.in_proj_qkv"), conv_dim, h, false),
                         in_proj_z: load_linear(&mut l, &format!("{a}.in_proj_z"), vd, h, false),
                         in_proj_b: load_linear(&mut l, &format!("{a}.in_proj_b"), nv, h, false),
                         in_proj_a: load_linear(&mut l, &format!("{a}.in_proj_a"), nv, h, false),
-                        conv1d: l.backbone(
-                            &format!("{a}.conv1d.weight"),
-                            &[conv_dim, 1, la.conv_kernel_dim],
-                        ),
+                        conv1d: l.backbone(&format!("{a}.conv1d.weight"), &[conv_dim, 1, la.conv_kernel_dim]),
                         dt_bias: l.backbone(&format!("{a}.dt_bias"), &[nv]),
                         a_log: l.backbone(&format!("{a}.A_log"), &[nv]),
                         norm: l.backbone(&format!("{a}.norm.weight"), &[la.value_head_dim]),
@@ -250,8 +202,7 @@ impl Qwen35Model {
                 mixer,
                 mlp: Mlp::load(&mut l, &format!("{p}.mlp"), h, cfg.intermediate_size, false),
                 input_layernorm: l.backbone(&format!("{p}.input_layernorm.weight"), &[h]),
-                post_attention_layernorm: l
-                    .backbone(&format!("{p}.post_attention_layernorm.weight"), &[h]),
+                post_attention_layernorm: l.backbone(&format!("{p}.post_attention_layernorm.weight"), &[h]),
             });
         }
         let norm = l.backbone("norm.weight", &[h]);
@@ -262,15 +213,7 @@ impl Qwen35Model {
         };
         l.finish(&IGNORED_PREFIXES)?;
         let rotary = Rotary::new(&cfg.rope, d, device);
-        Ok(Qwen35Model {
-            cfg,
-            embed_tokens,
-            layers,
-            norm,
-            lm_head,
-            rotary,
-            mrope_section,
-        })
+        Ok(Qwen35Model { cfg, embed_tokens, layers, norm, lm_head, rotary, mrope_section })
     }
 
     /// cos/sin `[B, T, rot_dim]` for 3-D M-RoPE positions `[3, B, T]` (temporal, height, width),
@@ -293,12 +236,8 @@ impl Qwen35Model {
             .collect();
         let (b, t) = (pos.size()[1], pos.size()[2]);
         // [3, B, T, 1] x [1, 1, 1, rot/2]: the same single fp32 product as transformers' matmul.
-        let freqs =
-            pos.to_kind(Kind::Float).unsqueeze(-1) * self.rotary.inv_freq.view([1, 1, 1, -1]);
-        let idx = Tensor::from_slice(&axis)
-            .to_device(pos.device())
-            .view([1, 1, 1, half])
-            .expand([1, b, t, half], false);
+        let freqs = pos.to_kind(Kind::Float).unsqueeze(-1) * self.rotary.inv_freq.view([1, 1, 1, -1]);
+        let idx = Tensor::from_slice(&axis).to_device(pos.device()).view([1, 1, 1, half]).expand([1, b, t, half], false);
         let f = freqs.gather(0, &idx, false).squeeze_dim(0);
         let emb = Tensor::cat(&[&f, &f], -1);
         (emb.cos().to_kind(kind), emb.sin().to_kind(kind))
@@ -318,22 +257,13 @@ impl GatedAttention {
         cache: Option<&mut Option<LayerCache>>,
     ) -> Result<Tensor> {
         let (b, t) = (x.size()[0], x.size()[1]);
-        let (d, nh, nkv) = (
-            cfg.head_dim,
-            cfg.num_attention_heads,
-            cfg.num_key_value_heads,
-        );
+        let (d, nh, nkv) = (cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads);
         // Per head the projection holds [q_h | gate_h] (not all q then all gates).
         let qg = self.q_proj.forward(x).view([b, t, nh, 2 * d]);
         let q = qg.narrow(-1, 0, d);
         let gate = qg.narrow(-1, d, d).reshape([b, t, nh * d]);
         let q = rms_norm_zero_centred(&q, &self.q_norm, cfg.rms_norm_eps).transpose(1, 2);
-        let k = rms_norm_zero_centred(
-            &self.k_proj.forward(x).view([b, t, nkv, d]),
-            &self.k_norm,
-            cfg.rms_norm_eps,
-        )
-        .transpose(1, 2);
+        let k = rms_norm_zero_centred(&self.k_proj.forward(x).view([b, t, nkv, d]), &self.k_norm, cfg.rms_norm_eps).transpose(1, 2);
         let v = self.v_proj.forward(x).view([b, t, nkv, d]).transpose(1, 2);
         let q = apply_rotary(&q, cos, sin); // [B, nh, T, d]
         let k = apply_rotary(&k, cos, sin); // [B, nkv, T, d]
@@ -342,19 +272,12 @@ impl GatedAttention {
             Some(slot) => {
                 let (k, v) = match slot.take() {
                     None => (k, v),
-                    Some(LayerCache::Kv { k: pk, v: pv }) => {
-                        (Tensor::cat(&[pk, k], 2), Tensor::cat(&[pv, v], 2))
-                    }
+                    Some(LayerCache::Kv { k: pk, v: pv }) => (Tensor::cat(&[pk, k], 2), Tensor::cat(&[pv, v], 2)),
                     Some(LayerCache::Linear { .. }) => {
-                        return Err(Error::Input(
-                            "a linear-attention cache was passed to a full-attention layer".into(),
-                        ))
+                        return Err(Error::Input("a linear-attention cache was passed to a full-attention layer".into()))
                     }
                 };
-                *slot = Some(LayerCache::Kv {
-                    k: k.shallow_clone(),
-                    v: v.shallow_clone(),
-                });
+                *slot = Some(LayerCache::Kv { k: k.shallow_clone(), v: v.shallow_clone() });
                 (k, v)
             }
         };
@@ -371,21 +294,10 @@ impl GatedDeltaNet {
     /// and T > 1; padded inputs are zeroed before the projections, as transformers'
     /// `apply_mask_to_padding_states` does, so that padding cannot write into the state.
     /// With a cache slot, continues from its conv/recurrent state and stores the new one.
-    fn forward(
-        &self,
-        x: &Tensor,
-        pad_mask: Option<&Tensor>,
-        eps: f64,
-        cache: Option<&mut Option<LayerCache>>,
-    ) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, pad_mask: Option<&Tensor>, eps: f64, cache: Option<&mut Option<LayerCache>>) -> Result<Tensor> {
         let (b, t) = (x.size()[0], x.size()[1]);
         let dims = &self.dims;
-        let (nk, dk, nv, dv) = (
-            dims.num_key_heads,
-            dims.key_head_dim,
-            dims.num_value_heads,
-            dims.value_head_dim,
-        );
+        let (nk, dk, nv, dv) = (dims.num_key_heads, dims.key_head_dim, dims.num_value_heads, dims.value_head_dim);
         let (kd, vd, kw) = (nk * dk, nv * dv, dims.conv_kernel_dim);
         let conv_dim = 2 * kd + vd;
         let x = match pad_mask {
@@ -403,9 +315,7 @@ impl GatedDeltaNet {
                 None => (Some(slot), None),
                 Some(LayerCache::Linear { conv, state }) => (Some(slot), Some((conv, state))),
                 Some(LayerCache::Kv { .. }) => {
-                    return Err(Error::Input(
-                        "an attention KV cache was passed to a linear-attention layer".into(),
-                    ))
+                    return Err(Error::Input("an attention KV cache was passed to a linear-attention layer".into()))
                 }
             },
         };
@@ -431,23 +341,11 @@ impl GatedDeltaNet {
                 // `F.conv1d(x, padding=K-1)[..., :T]`, then SiLU. A cached prefill shorter than K
                 // is first left-padded to K columns by transformers' cache, which moves the cut.
                 let padded = slot.is_some() && t < kw;
-                let x = if padded {
-                    mixed.constant_pad_nd([kw - t, 0])
-                } else {
-                    mixed.shallow_clone()
-                };
+                let x = if padded { mixed.constant_pad_nd([kw - t, 0]) } else { mixed.shallow_clone() };
                 let n = x.size()[2];
-                let act = x
-                    .to_kind(w.kind())
-                    .conv1d(w, None::<Tensor>, [1], [kw - 1], [1], conv_dim)
-                    .narrow(2, 0, n)
-                    .silu()
-                    .narrow(2, n - t, t);
-                let window = if t < kw - 1 {
-                    mixed.constant_pad_nd([kw - 1 - t, 0])
-                } else {
-                    mixed.shallow_clone()
-                };
+                let act =
+                    x.to_kind(w.kind()).conv1d(w, None::<Tensor>, [1], [kw - 1], [1], conv_dim).narrow(2, 0, n).silu().narrow(2, n - t, t);
+                let window = if t < kw - 1 { mixed.constant_pad_nd([kw - 1 - t, 0]) } else { mixed.shallow_clone() };
                 (act, window)
             }
             Some((conv, _)) => {
@@ -455,19 +353,13 @@ impl GatedDeltaNet {
                 // oldest column only reaches outputs that are dropped, so a zero column stands in
                 // for it: the kept outputs are the same products, in the same call shapes.
                 let window = Tensor::cat(&[conv, &mixed], 2); // [B, C, K-1+T]
-                let full = Tensor::cat(&[&conv.zeros_like().narrow(2, 0, 1), &window], 2)
-                    .to_kind(w.kind()); // [B, C, K+T]
+                let full = Tensor::cat(&[&conv.zeros_like().narrow(2, 0, 1), &window], 2).to_kind(w.kind()); // [B, C, K+T]
                 let act = if t == 1 {
                     // `causal_conv1d_update`: no padding, keep the last output, then SiLU.
-                    full.conv1d(w, None::<Tensor>, [1], [0], [1], conv_dim)
-                        .narrow(2, 1, 1)
-                        .silu()
+                    full.conv1d(w, None::<Tensor>, [1], [0], [1], conv_dim).narrow(2, 1, 1).silu()
                 } else {
                     // `causal_conv1d_fn` on the whole window, SiLU, then the last T.
-                    full.conv1d(w, None::<Tensor>, [1], [kw - 1], [1], conv_dim)
-                        .narrow(2, 0, kw + t)
-                        .silu()
-                        .narrow(2, kw, t)
+                    full.conv1d(w, None::<Tensor>, [1], [kw - 1], [1], conv_dim).narrow(2, 0, kw + t).silu().narrow(2, kw, t)
                 };
                 (act, window)
             }
@@ -479,18 +371,11 @@ impl GatedDeltaNet {
 
         // β in the activation dtype, g in fp32 (`A_log.float()`; dt_bias promotes with a.float()).
         let beta = beta_logits.sigmoid();
-        let g = self.a_log.to_kind(Kind::Float).exp().neg()
-            * (a.to_kind(Kind::Float) + &self.dt_bias).softplus();
+        let g = self.a_log.to_kind(Kind::Float).exp().neg() * (a.to_kind(Kind::Float) + &self.dt_bias).softplus();
         // Grouped value attention: key head j serves value heads j·r .. j·r + r-1.
         let rep = nv / nk;
-        let (q, k) = if rep > 1 {
-            (
-                q.repeat_interleave_self_int(rep, 2, None),
-                k.repeat_interleave_self_int(rep, 2, None),
-            )
-        } else {
-            (q, k)
-        };
+        let (q, k) =
+            if rep > 1 { (q.repeat_interleave_self_int(rep, 2, None), k.repeat_interleave_self_int(rep, 2, None)) } else { (q, k) };
         let initial = past.as_ref().map(|(_, s)| s);
         let (o, state) = if initial.is_some() && t == 1 {
             recurrent_gated_delta_rule(&q, &k, &v, &g, &beta, initial)
@@ -499,10 +384,7 @@ impl GatedDeltaNet {
         };
         if let Some(slot) = slot {
             let n = window.size()[2];
-            *slot = Some(LayerCache::Linear {
-                conv: window.narrow(2, n - (kw - 1), kw - 1).contiguous(),
-                state,
-            });
+            *slot = Some(LayerCache::Linear { conv: window.narrow(2, n - (kw - 1), kw - 1).contiguous(), state });
         }
         let o = gated_rms_norm(&o, &z, &self.norm, eps); // [B, T, nv, dv]
         Ok(self.out_proj.forward(&o.reshape([b, t, vd])))
@@ -563,23 +445,13 @@ pub fn chunk_gated_delta_rule(
     let (b, t, h, dk) = (q.size()[0], q.size()[1], q.size()[2], q.size()[3]);
     let dv = v.size()[3];
     let device = q.device();
-    let (q, k, v, beta, g) = (
-        heads_first(q),
-        heads_first(k),
-        heads_first(v),
-        heads_first(beta),
-        heads_first(g),
-    );
+    let (q, k, v, beta, g) = (heads_first(q), heads_first(k), heads_first(v), heads_first(beta), heads_first(g));
     let q = l2norm(&q) * (dk as f64).powf(-0.5);
     let k = l2norm(&k);
     // Zero-pad T to a multiple of the chunk: padded steps have k = v = β = 0 and g = 0, so they
     // neither write into nor decay the state.
     let pad = (chunk - t % chunk) % chunk;
-    let (q, k, v) = (
-        q.constant_pad_nd([0, 0, 0, pad]),
-        k.constant_pad_nd([0, 0, 0, pad]),
-        v.constant_pad_nd([0, 0, 0, pad]),
-    );
+    let (q, k, v) = (q.constant_pad_nd([0, 0, 0, pad]), k.constant_pad_nd([0, 0, 0, pad]), v.constant_pad_nd([0, 0, 0, pad]));
     let (beta, g) = (beta.constant_pad_nd([0, pad]), g.constant_pad_nd([0, pad]));
     let n = (t + pad) / chunk;
     let v_beta = &v * beta.unsqueeze(-1);
@@ -591,9 +463,7 @@ pub fn chunk_gated_delta_rule(
     let strictly_upper = Tensor::ones([chunk, chunk], (Kind::Bool, device)).triu(1);
     // γ_r = Σ_{s≤r} g_s within the chunk; Γ_rs = exp(γ_r − γ_s) for r ≥ s, else 0.
     let cum = g.cumsum(-1, Kind::Float);
-    let pairwise = (cum.unsqueeze(-1) - cum.unsqueeze(-2))
-        .masked_fill(&strictly_upper, f64::NEG_INFINITY)
-        .exp();
+    let pairwise = (cum.unsqueeze(-1) - cum.unsqueeze(-2)).masked_fill(&strictly_upper, f64::NEG_INFINITY).exp();
     let ut_system = k_beta.matmul(&k.transpose(-1, -2)) * &pairwise;
     let intra = q.matmul(&k.transpose(-1, -2)) * &pairwise;
     let decayed_k_beta = &k_beta * cum.exp().unsqueeze(-1);
@@ -615,12 +485,7 @@ pub fn chunk_gated_delta_rule(
         outs.push(inter + intra.select(2, i).matmul(&v_new));
         state = &state * chunk_decay.select(2, i) + k.select(2, i).transpose(-1, -2).matmul(&v_new);
     }
-    let out = Tensor::stack(&outs, 2)
-        .reshape([b, h, n * chunk, dv])
-        .narrow(2, 0, t)
-        .transpose(1, 2)
-        .to_kind(out_kind)
-        .contiguous();
+    let out = Tensor::stack(&outs, 2).reshape([b, h, n * chunk, dv]).narrow(2, 0, t).transpose(1, 2).to_kind(out_kind).contiguous();
     (out, state)
 }
 
@@ -640,13 +505,7 @@ pub fn recurrent_gated_delta_rule(
     let out_kind = q.kind();
     let (b, t, h, dk) = (q.size()[0], q.size()[1], q.size()[2], q.size()[3]);
     let dv = v.size()[3];
-    let (q, k, v, beta, g) = (
-        heads_first(q),
-        heads_first(k),
-        heads_first(v),
-        heads_first(beta),
-        heads_first(g),
-    );
+    let (q, k, v, beta, g) = (heads_first(q), heads_first(k), heads_first(v), heads_first(beta), heads_first(g));
     let q = l2norm(&q) / (dk as f64).sqrt();
     let k = l2norm(&k);
     let mut state = match initial_state {
@@ -662,10 +521,7 @@ pub fn recurrent_gated_delta_rule(
         state = &state + k_t.unsqueeze(-1) * delta.unsqueeze(-2);
         outs.push((&state * q_t.unsqueeze(-1)).sum_dim_intlist(-2, false, Kind::Float));
     }
-    let out = Tensor::stack(&outs, 2)
-        .transpose(1, 2)
-        .to_kind(out_kind)
-        .contiguous();
+    let out = Tensor::stack(&outs, 2).transpose(1, 2).to_kind(out_kind).contiguous();
     (out, state)
 }
 
@@ -677,18 +533,11 @@ impl TargetModel for Qwen35Model {
     /// `input.position_ids` may be `[B, T]` (text), `[3, B, T]` (M-RoPE temporal/height/width)
     /// or `[4, B, T]` (a text row, ignored here, then the three M-RoPE rows), as transformers
     /// accepts them.
-    fn forward(
-        &self,
-        input: &ForwardInput<'_>,
-        mut cache: Option<&mut Cache>,
-    ) -> Result<TargetOutput> {
+    fn forward(&self, input: &ForwardInput<'_>, mut cache: Option<&mut Cache>) -> Result<TargetOutput> {
         let l = self.cfg.num_hidden_layers;
         if let Some(c) = cache.as_deref() {
             if c.layers.len() as i64 != l {
-                return Err(Error::Input(format!(
-                    "cache has {} layers, the model {l}",
-                    c.layers.len()
-                )));
+                return Err(Error::Input(format!("cache has {} layers, the model {l}", c.layers.len())));
             }
         }
         let past = cache.as_ref().map_or(0, |c| c.seq_len);
@@ -696,30 +545,17 @@ impl TargetModel for Qwen35Model {
         // prepare() knows [B, T] positions only; 3-D M-RoPE positions are checked and used here.
         let mrope_pos = input.position_ids.filter(|p| p.dim() == 3);
         let p = match mrope_pos {
-            Some(_) => prepare(
-                &self.cfg,
-                &ForwardInput {
-                    position_ids: None,
-                    ..*input
-                },
-                past,
-                kind,
-            )?,
+            Some(_) => prepare(&self.cfg, &ForwardInput { position_ids: None, ..*input }, past, kind)?,
             None => prepare(&self.cfg, input, past, kind)?,
         };
         if p.t == 0 || p.b == 0 {
-            return Err(Error::Input(format!(
-                "input_ids is empty: [{}, {}]",
-                p.b, p.t
-            )));
+            return Err(Error::Input(format!("input_ids is empty: [{}, {}]", p.b, p.t)));
         }
         let ids = input.input_ids;
         let vocab = self.cfg.vocab_size;
         let (lo, hi) = (ids.min().int64_value(&[]), ids.max().int64_value(&[]));
         if lo < 0 || hi >= vocab {
-            return Err(Error::Input(format!(
-                "token id out of range 0..{vocab}: saw {lo}..={hi}"
-            )));
+            return Err(Error::Input(format!("token id out of range 0..{vocab}: saw {lo}..={hi}")));
         }
         let (cos, sin) = match mrope_pos {
             Some(pos) => {
@@ -749,10 +585,7 @@ impl TargetModel for Qwen35Model {
             _ => None,
         };
 
-        let mut h = self
-            .embed_tokens
-            .index_select(0, &ids.flatten(0, -1))
-            .view([p.b, p.t, -1]);
+        let mut h = self.embed_tokens.index_select(0, &ids.flatten(0, -1)).view([p.b, p.t, -1]);
         let mut aux: Vec<Option<Tensor>> = input.capture.iter().map(|_| None).collect();
         let mut grab = |k: i64, h: &Tensor| {
             for (slot, &want) in aux.iter_mut().zip(input.capture) {
@@ -767,9 +600,7 @@ impl TargetModel for Qwen35Model {
             let slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
             let x = rms_norm_zero_centred(&h, &layer.input_layernorm, eps);
             let mixed = match &layer.mixer {
-                Mixer::SelfAttn(a) => {
-                    a.forward(&self.cfg, &x, &cos, &sin, p.mask.as_ref(), slot)?
-                }
+                Mixer::SelfAttn(a) => a.forward(&self.cfg, &x, &cos, &sin, p.mask.as_ref(), slot)?,
                 Mixer::LinearAttn(la) => la.forward(&x, pad_mask.as_ref(), eps, slot)?,
             };
             h = &h + mixed;
@@ -781,13 +612,7 @@ impl TargetModel for Qwen35Model {
             c.seq_len += p.t;
         }
         let last_hidden = rms_norm_zero_centred(&h, &self.norm, eps);
-        Ok(TargetOutput {
-            aux: aux
-                .into_iter()
-                .map(|a| a.unwrap_or_else(|| h.shallow_clone()))
-                .collect(),
-            last_hidden,
-        })
+        Ok(TargetOutput { aux: aux.into_iter().map(|a| a.unwrap_or_else(|| h.shallow_clone())).collect(), last_hidden })
     }
 
     fn embed_tokens(&self) -> &Tensor {
