@@ -207,7 +207,7 @@ impl Report {
         if write {
             self.write(out)?;
         }
-        if !self.bad.is_empty() || !self.truncated.is_empty() {
+        if write && (!self.bad.is_empty() || !self.truncated.is_empty()) {
             tracing::warn!("{}; details in {}", self.summary(), out.display());
         }
         if self.bad_fraction() > max_bad_fraction {
