@@ -243,7 +243,7 @@ fn tiny_target_features_read_back_bitwise() {
     let b = Chunk::open(&tmp.path().join("per-sample")).unwrap();
     let chunks = vec![a, b];
     let mut exact = 0;
-    for i in 0..samples.len() {
+    for (i, sample) in samples.iter().enumerate() {
         let idx_a = (0..chunks[0].num_samples())
             .find(|&k| chunks[0].sample_index(k) == Some(i as i64))
             .unwrap();
@@ -255,8 +255,8 @@ fn tiny_target_features_read_back_bitwise() {
                 chunk: c,
                 sample: s as u32,
             }],
-            seq_len: samples[i].input_ids.len(),
-            tokens: samples[i].input_ids.len(),
+            seq_len: sample.input_ids.len(),
+            tokens: sample.input_ids.len(),
         };
         let x = load_batch(&chunks, &spec(0, idx_a), Device::Cpu).unwrap();
         let y = load_batch(&chunks, &spec(1, idx_b), Device::Cpu).unwrap();

@@ -1025,7 +1025,8 @@ pub fn tokenize(
     report: &mut Report,
 ) -> Vec<Sample> {
     let stops = stop_strings(tok, eos_ids);
-    let results: Vec<std::result::Result<(Vec<i64>, Vec<u8>, bool), LineError>> = convs
+    type Tokenised = std::result::Result<(Vec<i64>, Vec<u8>, bool), LineError>;
+    let results: Vec<Tokenised> = convs
         .par_iter()
         .map(|c| {
             if !c.messages.iter().any(|m| m.role == Role::Assistant) {

@@ -200,7 +200,7 @@ impl ChatTemplate {
             path: self.source.clone(),
             message: e.to_string(),
         })?;
-        tmpl.render(Value::from_serialize(&Json::Object(ctx)))
+        tmpl.render(Value::from_serialize(Json::Object(ctx)))
             .map_err(|e| Error::Template {
                 path: self.source.clone(),
                 message: format!("{e:#}"),

@@ -420,7 +420,7 @@ pub fn plan_batches(
         let window = 64 * opts.max_batch_size.max(1);
         for w in items.chunks_mut(window) {
             // Stable: equal lengths keep their shuffled order.
-            w.sort_by(|a, b| b.1.cmp(&a.1));
+            w.sort_by_key(|x| std::cmp::Reverse(x.1));
             pack(w, opts, &mut out);
         }
         if opts.shuffle {

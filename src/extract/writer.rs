@@ -205,15 +205,15 @@ pub fn plan(samples: &[Sample], mut template: Manifest, opts: &ExtractOptions) -
     let mut cur: Vec<usize> = Vec::new();
     let mut cur_bytes = 0u64;
     let mut rank_tokens = 0u64;
-    for i in lo..hi {
-        let b = samples[i].input_ids.len() as u64 * bpt + per_sample;
+    for (i, s) in samples.iter().enumerate().take(hi).skip(lo) {
+        let b = s.input_ids.len() as u64 * bpt + per_sample;
         if !cur.is_empty() && cur_bytes + b > opts.shard_bytes {
             shards.push(std::mem::take(&mut cur));
             cur_bytes = 0;
         }
         cur.push(i);
         cur_bytes += b;
-        rank_tokens += samples[i].input_ids.len() as u64;
+        rank_tokens += s.input_ids.len() as u64;
     }
     if !cur.is_empty() {
         shards.push(cur);

@@ -311,7 +311,8 @@ pub fn regenerate(
                     &ans[..]
                 };
                 let text = tok.decode(body, true)?;
-                convo[i].push(Message::text(Role::Assistant, text.trim().to_string()));
+                // Kept verbatim (no trimming): the text is what the target said, as a server returns it.
+                convo[i].push(Message::text(Role::Assistant, text));
                 finish[i].push(if stopped { "stop" } else { "length" });
                 new_tokens[i].push(ans.len());
                 stats.new_tokens += ans.len();
