@@ -191,13 +191,13 @@ fn tiny_target_features_read_back_bitwise() {
     let b = Chunk::open(&tmp.path().join("per-sample")).unwrap();
     let chunks = vec![a, b];
     let mut exact = 0;
-    for i in 0..samples.len() {
+    for (i, sample) in samples.iter().enumerate() {
         let idx_a = (0..chunks[0].num_samples()).find(|&k| chunks[0].sample_index(k) == Some(i as i64)).unwrap();
         let idx_b = (0..chunks[1].num_samples()).find(|&k| chunks[1].sample_index(k) == Some(i as i64)).unwrap();
         let spec = |c: u32, s: usize| BatchSpec {
             samples: vec![SampleRef { chunk: c, sample: s as u32 }],
-            seq_len: samples[i].input_ids.len(),
-            tokens: samples[i].input_ids.len(),
+            seq_len: sample.input_ids.len(),
+            tokens: sample.input_ids.len(),
         };
         let x = load_batch(&chunks, &spec(0, idx_a), Device::Cpu).unwrap();
         let y = load_batch(&chunks, &spec(1, idx_b), Device::Cpu).unwrap();
@@ -210,7 +210,7 @@ fn tiny_target_features_read_back_bitwise() {
 #[test]
 fn smollm2_features_read_back_bitwise_on_bundled_prompts() {
     one_thread();
-    use specforge_rs::generate::regenerate::{regenerate, RegenerateOptions};
+    use specforge_rs::generate::regenerate::{regenerate, select, RegenerateOptions};
     use specforge_rs::generate::GenerateOptions;
     let dir = smollm2();
     let tmp = tempfile::tempdir().unwrap();
@@ -225,30 +225,23 @@ fn smollm2_features_read_back_bitwise_on_bundled_prompts() {
     let cfg = model.config().clone();
     let (convs, mut report) = read_jsonl(&prompts, &ReadOptions::default()).unwrap();
     let regen = tmp.path().join("regen.jsonl");
-    regenerate(
-        model.as_ref(),
-        &tok,
-        &convs,
-        &regen,
-        &RegenerateOptions {
-            gen: GenerateOptions {
-                max_new_tokens: 6,
-                stop_ids: specforge_rs::data::dataset::stop_ids(&tok, &cfg.eos_token_ids),
-                temperature: 0.0,
-                top_p: 1.0,
-            },
-            batch_size: 4,
-            seed: 0,
-            max_len: 512,
-            multimodal: false,
-            target_name: "smollm2-135m".into(),
-            config_hash: cfg.config_hash.clone(),
+    let opts = RegenerateOptions {
+        gen: GenerateOptions {
+            max_new_tokens: 6,
+            stop_ids: specforge_rs::data::dataset::stop_ids(&tok, &cfg.eos_token_ids),
+            temperature: 0.0,
+            top_p: 1.0,
         },
-        &mut report,
-        Device::Cpu,
-    )
-    .unwrap();
+        batch_size: 4,
+        seed: 0,
+        max_len: 512,
+        multimodal: false,
+        target_name: "smollm2-135m".into(),
+        config_hash: cfg.config_hash.clone(),
+    };
+    let todo = select(&tok, &convs, &opts, &mut report);
     assert!(report.bad.is_empty(), "{:?}", report.bad);
+    regenerate(model.as_ref(), &tok, &todo, &regen, &opts, Device::Cpu).unwrap();
     let samples = samples_of(&dir, &regen, 512);
     assert_eq!(samples.len(), 4);
     let opts = ExtractOptions {

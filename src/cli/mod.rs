@@ -52,6 +52,8 @@ enum Command {
 
 /// Parses the command line and runs it.
 pub fn main() -> anyhow::Result<()> {
+    // Before any tensor exists: large CPU tensors (feature batches) on huge pages.
+    crate::extract::reader::enable_huge_page_allocations();
     let cli = Cli::parse();
     crate::util::logging::init(cli.verbose);
     match cli.command {

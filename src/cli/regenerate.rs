@@ -7,7 +7,7 @@ use clap::Args;
 
 use super::data_args::{compute_kind, device, DatasetArgs};
 use crate::data::{dataset, Tokenizer};
-use crate::generate::regenerate::{regenerate, RegenerateOptions};
+use crate::generate::regenerate::{regenerate, select, RegenerateOptions};
 use crate::generate::GenerateOptions;
 use crate::target::{self, registry};
 
@@ -56,9 +56,7 @@ pub fn run(a: RegenerateArgs) -> anyhow::Result<()> {
     let mut report_path = a.out.clone().into_os_string();
     report_path.push(".bad-lines.jsonl");
     let report_path = a.data_args.report_path(report_path.into());
-    tracing::info!(target = %dir.display(), ?kind, ?device, "loading target");
-    let model = target::load(&dir, kind, device)?;
-    let cfg = model.config();
+    let cfg = crate::config::TargetConfig::from_path(&dir)?;
     let opts = RegenerateOptions {
         gen: GenerateOptions {
             max_new_tokens: a.max_new_tokens,
@@ -73,12 +71,13 @@ pub fn run(a: RegenerateArgs) -> anyhow::Result<()> {
         target_name: a.target.clone(),
         config_hash: cfg.config_hash.clone(),
     };
-    // The up-front checks (prompt too long, template errors) run inside regenerate, so the
-    // threshold is checked on the complete report afterwards, and before the run for the
-    // parse-level bad lines.
+    // Bad lines (parse errors and prompts that cannot be answered) are all known before the
+    // weights load, so the threshold stops a bad run before it costs anything.
+    let todo = select(&tok, &convs, &opts, &mut report);
     report.check(a.data_args.max_bad_fraction, &report_path, true)?;
-    let stats = regenerate(model.as_ref(), &tok, &convs, &a.out, &opts, &mut report, device)?;
-    report.check(a.data_args.max_bad_fraction, &report_path, true)?;
+    tracing::info!(target = %dir.display(), ?kind, ?device, "loading target");
+    let model = target::load(&dir, kind, device)?;
+    let stats = regenerate(model.as_ref(), &tok, &todo, &a.out, &opts, device)?;
     if stats.written + stats.resumed == 0 {
         bail!("{}: nothing was regenerated (see {})", a.data.display(), report_path.display());
     }

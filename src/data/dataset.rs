@@ -188,7 +188,7 @@ impl Report {
         if write {
             self.write(out)?;
         }
-        if !self.bad.is_empty() || !self.truncated.is_empty() {
+        if write && (!self.bad.is_empty() || !self.truncated.is_empty()) {
             tracing::warn!("{}; details in {}", self.summary(), out.display());
         }
         if self.bad_fraction() > max_bad_fraction {
@@ -858,7 +858,8 @@ pub fn tokenize_conversation(
 /// `report`. Conversations without an assistant turn are `no_assistant`.
 pub fn tokenize(convs: &[Conversation], tok: &Tokenizer, eos_ids: &[i64], opts: &TokenizeOptions, report: &mut Report) -> Vec<Sample> {
     let stops = stop_strings(tok, eos_ids);
-    let results: Vec<std::result::Result<(Vec<i64>, Vec<u8>, bool), LineError>> = convs
+    type Tokenised = std::result::Result<(Vec<i64>, Vec<u8>, bool), LineError>;
+    let results: Vec<Tokenised> = convs
         .par_iter()
         .map(|c| {
             if !c.messages.iter().any(|m| m.role == Role::Assistant) {

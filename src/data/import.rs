@@ -22,6 +22,9 @@ use serde_json::{json, Value as Json};
 use super::dataset::{parse_line, BadKind, Conversation, Report};
 use crate::error::{Error, Result};
 
+/// An imported conversation and the server's `finish_reason` for its answer.
+pub type Imported = (Conversation, Option<String>);
+
 fn messages_of(v: &Json) -> Option<&Json> {
     v.get("messages")
         .or_else(|| v.get("body").and_then(|b| b.get("messages")))
@@ -116,7 +119,7 @@ fn convert(v: &Json, line: usize, requests: &HashMap<String, Json>) -> std::resu
 
 /// Imports `responses` (joined with `requests` when given). Returns the conversations in
 /// response order, each with the server's `finish_reason`, and the report of bad lines.
-pub fn import(responses: &Path, requests: Option<&Path>) -> Result<(Vec<(Conversation, Option<String>)>, Report)> {
+pub fn import(responses: &Path, requests: Option<&Path>) -> Result<(Vec<Imported>, Report)> {
     let reqs = match requests {
         Some(p) => read_requests(p)?,
         None => HashMap::new(),

@@ -172,7 +172,7 @@ impl ChatTemplate {
             ctx.insert(k.clone(), v.clone());
         }
         let tmpl = self.env.get_template("chat").map_err(|e| Error::Template { path: self.source.clone(), message: e.to_string() })?;
-        tmpl.render(Value::from_serialize(&Json::Object(ctx)))
+        tmpl.render(Value::from_serialize(Json::Object(ctx)))
             .map_err(|e| Error::Template { path: self.source.clone(), message: format!("{e:#}") })
     }
 }

@@ -10,6 +10,9 @@ use serde_json::Value as Json;
 use super::template::{ChatTemplate, RenderOptions};
 use crate::error::{read_json, read_to_string, Error, Result};
 
+/// Each token's byte range `(start, end)` in the encoded text.
+pub type Offsets = Vec<(usize, usize)>;
+
 /// A tokenizer with the special tokens and chat template of its model directory.
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
@@ -78,7 +81,7 @@ impl Tokenizer {
     ///
     /// The loss mask is derived from these ranges: a token belongs to an assistant turn when its
     /// bytes overlap the turn's span in the rendered conversation.
-    pub fn encode_with_offsets(&self, text: &str) -> Result<(Vec<i64>, Vec<(usize, usize)>)> {
+    pub fn encode_with_offsets(&self, text: &str) -> Result<(Vec<i64>, Offsets)> {
         let enc = self.inner.encode(text, false).map_err(|e| Error::Tokenizer { path: self.path.clone(), message: e.to_string() })?;
         let ids = enc.get_ids().iter().map(|&i| i as i64).collect();
         Ok((ids, enc.get_offsets().to_vec()))

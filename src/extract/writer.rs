@@ -190,15 +190,15 @@ pub fn plan(samples: &[Sample], mut template: Manifest, opts: &ExtractOptions) -
     let mut cur: Vec<usize> = Vec::new();
     let mut cur_bytes = 0u64;
     let mut rank_tokens = 0u64;
-    for i in lo..hi {
-        let b = samples[i].input_ids.len() as u64 * bpt + per_sample;
+    for (i, s) in samples.iter().enumerate().take(hi).skip(lo) {
+        let b = s.input_ids.len() as u64 * bpt + per_sample;
         if !cur.is_empty() && cur_bytes + b > opts.shard_bytes {
             shards.push(std::mem::take(&mut cur));
             cur_bytes = 0;
         }
         cur.push(i);
         cur_bytes += b;
-        rank_tokens += samples[i].input_ids.len() as u64;
+        rank_tokens += s.input_ids.len() as u64;
     }
     if !cur.is_empty() {
         shards.push(cur);
@@ -326,10 +326,13 @@ fn le_bytes_i64(v: &[i64]) -> Vec<u8> {
     v.iter().flat_map(|x| x.to_le_bytes()).collect()
 }
 
-/// One sample's features as raw bytes.
-struct SampleBytes {
-    aux: Vec<u8>,
-    last: Vec<u8>,
+/// One sample's features as raw little-endian bytes in the storage dtype.
+#[derive(Debug, Clone)]
+pub struct SampleFeatures {
+    /// `[len, A·H]`.
+    pub aux: Vec<u8>,
+    /// `[len, H]`.
+    pub last_hidden: Vec<u8>,
 }
 
 /// Serialises one shard in format v1. Returns the file bytes.
@@ -337,7 +340,7 @@ struct SampleBytes {
 fn encode_shard(
     path: &Path,
     samples: &[&Sample],
-    feats: &[SampleBytes],
+    feats: &[SampleFeatures],
     aux_width: i64,
     hidden: i64,
     store: Kind,
@@ -357,7 +360,7 @@ fn encode_shard(
         offsets.push(ids.len() as i64);
         index_of.push(s.index as i64);
         aux.extend_from_slice(&f.aux);
-        last.extend_from_slice(&f.last);
+        last.extend_from_slice(&f.last_hidden);
     }
     let dtype = crate::weights::dtype_of(store).ok_or_else(|| Error::Dtype {
         name: "aux".into(),
@@ -384,6 +387,55 @@ fn encode_shard(
     let meta: HashMap<String, String> =
         HashMap::from([("specforge".to_string(), format!(r#"{{"format":"{FORMAT}","version":{VERSION},"rank":{rank},"shard":{index}}}"#))]);
     safetensors::serialize(views, Some(meta)).map_err(|e| Error::Shard { path: path.to_path_buf(), reason: e.to_string() })
+}
+
+/// Writes shard `index` of `rank` into `dir` atomically (temp file + rename) and returns its
+/// manifest entry (size, xxh3, counts). `feats[i]` holds sample `i`'s rows in `store`; the
+/// caller lists the entry in a manifest only after this returns.
+#[allow(clippy::too_many_arguments)]
+pub fn write_shard(
+    dir: &Path,
+    rank: usize,
+    index: usize,
+    samples: &[&Sample],
+    feats: &[SampleFeatures],
+    aux_width: i64,
+    hidden: i64,
+    store: Kind,
+) -> Result<ShardEntry> {
+    let name = shard_file_name(rank, index);
+    let path = dir.join(&name);
+    let elt = store.elt_size_in_bytes();
+    for (s, f) in samples.iter().zip(feats) {
+        let n = s.input_ids.len();
+        if s.loss_mask.len() != n || f.aux.len() != n * aux_width as usize * elt || f.last_hidden.len() != n * hidden as usize * elt {
+            return Err(Error::Shard {
+                path,
+                reason: format!(
+                    "sample {}: {n} ids, {} mask entries, {} aux bytes and {} last_hidden bytes do not agree (A·H {aux_width}, H {hidden}, {elt}-byte dtype)",
+                    s.index,
+                    s.loss_mask.len(),
+                    f.aux.len(),
+                    f.last_hidden.len()
+                ),
+            });
+        }
+    }
+    if samples.len() != feats.len() {
+        return Err(Error::Shard { path, reason: format!("{} samples but {} feature sets", samples.len(), feats.len()) });
+    }
+    let bytes = encode_shard(&path, samples, feats, aux_width, hidden, store, rank, index)?;
+    let xxh3 = format!("{:016x}", xxhash_rust::xxh3::xxh3_64(&bytes));
+    crate::util::fs::write_atomic(&path, &bytes)?;
+    Ok(ShardEntry {
+        file: name,
+        samples: samples.len(),
+        tokens: samples.iter().map(|s| s.input_ids.len() as u64).sum(),
+        bytes: bytes.len() as u64,
+        xxh3,
+        first_sample: samples.first().map_or(-1, |s| s.index as i64),
+        rank,
+    })
 }
 
 /// Runs the plan: every shard of this rank not already on disk is computed, written atomically
@@ -427,7 +479,7 @@ pub fn run(
             continue;
         }
         let lengths: Vec<usize> = shard_samples.iter().map(|s| s.input_ids.len()).collect();
-        let mut feats: Vec<Option<SampleBytes>> = (0..shard_samples.len()).map(|_| None).collect();
+        let mut feats: Vec<Option<SampleFeatures>> = (0..shard_samples.len()).map(|_| None).collect();
         let mut nonfinite: Vec<usize> = Vec::new();
         for batch in plan_forward_batches(&lengths, opts.batch_tokens, opts.max_batch_size) {
             let rows: Vec<&Sample> = batch.iter().map(|&i| shard_samples[i]).collect();
@@ -448,7 +500,7 @@ pub fn run(
                     nonfinite.push(i);
                     continue;
                 }
-                feats[i] = Some(SampleBytes { aux: row_bytes(&a, len)?, last: row_bytes(&l, len)? });
+                feats[i] = Some(SampleFeatures { aux: row_bytes(&a, len)?, last_hidden: row_bytes(&l, len)? });
             }
             let tokens: u64 = batch.iter().map(|&i| lengths[i] as u64).sum();
             stats.tokens += tokens;
@@ -468,26 +520,19 @@ pub fn run(
             m.skipped_nonfinite.push(s.index as i64);
         }
         let kept: Vec<&Sample> = shard_samples.iter().enumerate().filter(|(i, _)| feats[*i].is_some()).map(|(_, s)| *s).collect();
-        let kept_feats: Vec<SampleBytes> = feats.into_iter().flatten().collect();
-        let path = out.join(&name);
-        let bytes = encode_shard(&path, &kept, &kept_feats, aux_width, hidden, opts.store_kind, rank, n)?;
-        let xxh3 = format!("{:016x}", xxhash_rust::xxh3::xxh3_64(&bytes));
-        crate::util::fs::write_atomic(&path, &bytes)?;
-        let tokens: u64 = kept.iter().map(|s| s.input_ids.len() as u64).sum();
-        m.shards.push(ShardEntry {
-            file: name,
-            samples: kept.len(),
-            tokens,
-            bytes: bytes.len() as u64,
-            xxh3,
-            first_sample: shard_samples.first().map_or(-1, |s| s.index as i64),
-            rank,
-        });
+        let kept_feats: Vec<SampleFeatures> = feats.into_iter().flatten().collect();
+        let entry = write_shard(out, rank, n, &kept, &kept_feats, aux_width, hidden, opts.store_kind)?;
+        // The shard's first *planned* sample, so a resume can check it is the same shard even
+        // when its first sample was skipped as non-finite.
+        let first = shard_samples.first().map_or(-1, |s| s.index as i64);
+        let entry = ShardEntry { first_sample: first, ..entry };
+        let tokens = entry.tokens;
+        stats.bytes += entry.bytes;
+        m.shards.push(entry);
         m.samples += kept.len();
         m.tokens += tokens;
         stats.samples += kept.len();
         stats.shards += 1;
-        stats.bytes += bytes.len() as u64;
         // Shard first, then the manifest that lists it: a crash in between leaves an unlisted
         // shard that the rerun simply writes again.
         m.write(&Manifest::rank_path(out, rank))?;

@@ -157,21 +157,12 @@ fn read_done(out: &Path, want_meta: &Json) -> Result<Vec<(String, String)>> {
     Ok(done)
 }
 
-/// Regenerates the assistant turns of `convs` into `out` (JSONL, one `{"id", "messages",
-/// "meta"}` per conversation, in input order). Bad conversations go to `report`.
-pub fn regenerate(
-    model: &dyn TargetModel,
-    tok: &Tokenizer,
-    convs: &[Conversation],
-    out: &Path,
-    opts: &RegenerateOptions,
-    report: &mut Report,
-    device: Device,
-) -> Result<RegenerateStats> {
-    let start = Instant::now();
-    let want_meta = meta(opts);
-    // Up-front checks decide which conversations exist at all, so that the batch composition
-    // (and with it every answer) is the same on every rerun.
+/// The up-front checks: which conversations get regenerated at all. Conversations without a
+/// user turn, with images on a text-only target, or whose first prompt does not fit `max_len` go
+/// to `report`. Deciding this before any generation keeps the batch composition (and with it
+/// every answer) the same on every rerun, and lets the caller apply the bad-line threshold
+/// before spending any compute.
+pub fn select<'a>(tok: &Tokenizer, convs: &'a [Conversation], opts: &RegenerateOptions, report: &mut Report) -> Vec<&'a Conversation> {
     let mut todo: Vec<&Conversation> = Vec::with_capacity(convs.len());
     for c in convs {
         let points = answer_points(c);
@@ -192,6 +183,21 @@ pub fn regenerate(
         }
     }
     report.sort();
+    todo
+}
+
+/// Regenerates the assistant turns of `todo` (from [`select`]) into `out` (JSONL, one
+/// `{"id", "messages", "meta"}` per conversation, in input order).
+pub fn regenerate(
+    model: &dyn TargetModel,
+    tok: &Tokenizer,
+    todo: &[&Conversation],
+    out: &Path,
+    opts: &RegenerateOptions,
+    device: Device,
+) -> Result<RegenerateStats> {
+    let start = Instant::now();
+    let want_meta = meta(opts);
     if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
     }
@@ -250,7 +256,8 @@ pub fn regenerate(
                 let stopped = ans.last().is_some_and(|t| opts.gen.stop_ids.contains(t));
                 let body = if stopped { &ans[..ans.len() - 1] } else { &ans[..] };
                 let text = tok.decode(body, true)?;
-                convo[i].push(Message::text(Role::Assistant, text.trim().to_string()));
+                // Kept verbatim (no trimming): the text is what the target said, as a server returns it.
+                convo[i].push(Message::text(Role::Assistant, text));
                 finish[i].push(if stopped { "stop" } else { "length" });
                 new_tokens[i].push(ans.len());
                 stats.new_tokens += ans.len();
@@ -285,7 +292,7 @@ pub fn regenerate(
     }
     pb.finish_and_clear();
     drop(file);
-    canonical_order(out, &todo)?;
+    canonical_order(out, todo)?;
     stats.secs = start.elapsed().as_secs_f64();
     Ok(stats)
 }
