@@ -319,21 +319,42 @@ fn pack(items: &[(SampleRef, usize)], opts: &BatchOptions, out: &mut Vec<BatchSp
 
 /// The global micro-batch plan of one epoch: every non-empty sample of every chunk exactly once.
 ///
-/// Deterministic in `(chunks' sample lengths, opts, seed, epoch)` and independent of the rank,
-/// so every process computes the same list and the trainer can hand batch `i` to rank `i % W`.
-/// With `shuffle`, samples are permuted across all shards and chunks; with `bucket_by_length`,
-/// each window of `64 · max_batch_size` permuted samples is sorted by length (longest first)
-/// before packing, and the batch order is shuffled again so long batches are not grouped.
+/// Deterministic in `(chunks' (dataset index, length) pairs, opts, seed, epoch)` and independent
+/// of the rank and of the order samples are stored in, so every process computes the same list
+/// (the trainer hands batch `i` to rank `i % W`) and [`plan_batches_for_lengths`] can plan a chunk
+/// before it is extracted. With `shuffle`, samples are permuted across all shards and chunks; with
+/// `bucket_by_length`, each window of `64 · max_batch_size` permuted samples is sorted by length
+/// (longest first) before packing, and the batch order is shuffled again so long batches are not
+/// grouped.
 pub fn plan_batches(chunks: &[Chunk], opts: &BatchOptions, seed: u64, epoch: u64) -> Vec<BatchSpec> {
-    let mut items: Vec<(SampleRef, usize)> = Vec::new();
-    for (c, chunk) in chunks.iter().enumerate() {
-        for (s, loc) in chunk.samples.iter().enumerate() {
-            let len = loc.len.min(opts.max_len);
-            if len > 0 {
-                items.push((SampleRef { chunk: c as u32, sample: s as u32 }, len));
-            }
-        }
-    }
+    let items = chunks
+        .iter()
+        .enumerate()
+        .flat_map(|(c, chunk)| {
+            chunk.samples.iter().enumerate().map(move |(s, loc)| (SampleRef { chunk: c as u32, sample: s as u32 }, loc.index, loc.len))
+        })
+        .collect();
+    plan_items(items, opts, seed, epoch)
+}
+
+/// The plan [`plan_batches`] makes for chunks holding samples with these `(dataset index,
+/// length)` pairs, before any of them is extracted. `SampleRef::sample` indexes the given lists.
+pub fn plan_batches_for_lengths(chunks: &[Vec<(i64, usize)>], opts: &BatchOptions, seed: u64, epoch: u64) -> Vec<BatchSpec> {
+    let items = chunks
+        .iter()
+        .enumerate()
+        .flat_map(|(c, v)| {
+            v.iter().enumerate().map(move |(s, &(index, len))| (SampleRef { chunk: c as u32, sample: s as u32 }, index, len))
+        })
+        .collect();
+    plan_items(items, opts, seed, epoch)
+}
+
+fn plan_items(mut all: Vec<(SampleRef, i64, usize)>, opts: &BatchOptions, seed: u64, epoch: u64) -> Vec<BatchSpec> {
+    // Canonical order first (chunk, dataset index): the storage order must not matter.
+    all.sort_by_key(|(r, index, _)| (r.chunk, *index));
+    let mut items: Vec<(SampleRef, usize)> =
+        all.into_iter().map(|(r, _, len)| (r, len.min(opts.max_len))).filter(|(_, len)| *len > 0).collect();
     let mut rng = SplitMix64::new(seed, epoch);
     if opts.shuffle {
         rng.shuffle(&mut items);

@@ -57,6 +57,10 @@ pub trait MicroBatches {
     fn len(&self, epoch: u64) -> Result<u64>;
     /// The micro-batches of `epoch` from index `start` on, in order.
     fn iter_from(&self, epoch: u64, start: u64) -> Result<Box<dyn Iterator<Item = Result<TrainBatch>> + '_>>;
+    /// Called once `epoch` is trained and checkpointed (chunked-rolling runs delete its features).
+    fn epoch_done(&self, _epoch: u64) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// One line of `metrics.jsonl` (one optimizer step, reduced over ranks).
@@ -100,6 +104,9 @@ pub struct Trainer<'a> {
     pub state: TrainState,
     comm: &'a dyn Collective,
     device: Device,
+    /// Checkpoint at the last step of every epoch (chunked-rolling runs need it before a chunk's
+    /// features may be deleted).
+    pub save_each_epoch: bool,
 }
 
 impl<'a> Trainer<'a> {
@@ -134,6 +141,7 @@ impl<'a> Trainer<'a> {
             state: TrainState::default(),
             comm,
             device,
+            save_each_epoch: false,
         };
         t.state.world_size = comm.world_size() as u64;
         if let Some(ck) = checkpoint::latest(run_dir)? {
@@ -215,14 +223,19 @@ impl<'a> Trainer<'a> {
         'epochs: while self.state.epoch < self.cfg.epochs && self.state.step < total {
             let epoch = self.state.epoch;
             let usable = data.len(epoch)? / accum * accum;
-            let mut batches = data.iter_from(epoch, self.state.micro)?;
+            // Opened only when there is something left to train in this epoch (a rolling run's
+            // iterator extracts features).
+            let mut batches = None;
             let mut counts = StepCounts::zeros(self.cfg.ttt_steps);
             let mut loss_sum = 0.0;
             let mut loss_k_sum = vec![0.0; self.cfg.ttt_steps];
             let mut trained = 0u64;
             let mut positions = 0u64;
             while self.state.micro < usable {
-                let batch = batches.next().ok_or_else(|| {
+                if batches.is_none() {
+                    batches = Some(data.iter_from(epoch, self.state.micro)?);
+                }
+                let batch = batches.as_mut().and_then(|b| b.next()).ok_or_else(|| {
                     Error::Input(format!("data ended at micro-batch {} of epoch {epoch}, expected {usable}", self.state.micro))
                 })??;
                 let batch = to_device(batch, self.device)?;
@@ -291,8 +304,12 @@ impl<'a> Trainer<'a> {
                 trained = 0;
                 positions = 0;
                 let done = self.state.step >= total;
-                if done || (self.cfg.save_every > 0 && self.state.step % self.cfg.save_every == 0) {
+                let epoch_end = self.state.micro >= usable;
+                if done || (epoch_end && self.save_each_epoch) || (self.cfg.save_every > 0 && self.state.step % self.cfg.save_every == 0) {
                     self.save()?;
+                }
+                if epoch_end && self.save_each_epoch {
+                    data.epoch_done(epoch)?;
                 }
                 if done {
                     break 'epochs;
