@@ -1,18 +1,19 @@
 //! `specforge-rs train` and `specforge-rs train-step`.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use clap::Args;
 use serde_json::json;
 use tch::{Device, Kind, Tensor};
 
 use crate::config::recipe::Recipe;
-use crate::draft::{Eagle3Config, Eagle3Draft};
-use crate::extract::reader::{load_batch, BatchSpec, Chunk, SampleRef};
+use crate::draft::Eagle3Draft;
+use crate::extract::reader::{load_batch, BatchSpec, SampleRef};
 use crate::target::head::TargetHead;
 use crate::target::registry;
 use crate::train::data::ChunkBatches;
+use crate::train::setup::{build_draft, open_chunks};
 use crate::train::trainer::Trainer;
 use crate::train::ttt::{ttt_forward, TttBatch};
 
@@ -33,51 +34,6 @@ pub struct TrainArgs {
     /// Start from this head (export layout) instead of a fresh initialisation.
     #[arg(long)]
     init: Option<PathBuf>,
-}
-
-/// Opens chunks and checks they were extracted from `head`'s target with the draft's aux ids.
-pub fn open_chunks(dirs: &[PathBuf], head: &TargetHead, aux_layer_ids: &[i64]) -> anyhow::Result<Vec<Chunk>> {
-    if dirs.is_empty() {
-        bail!("no feature chunks: give --features or set data.features in the recipe");
-    }
-    let mut chunks = Vec::new();
-    for d in dirs {
-        let c = Chunk::open(d).with_context(|| format!("opening feature chunk {}", d.display()))?;
-        let m = c.manifest();
-        if m.target.config_hash != head.cfg.config_hash {
-            bail!(
-                "{}: shards come from another target (config hash {} in the manifest, {} for {})",
-                d.display(),
-                m.target.config_hash,
-                head.cfg.config_hash,
-                head.dir.display()
-            );
-        }
-        if m.aux_layer_ids != aux_layer_ids || m.hidden_size != head.cfg.hidden_size {
-            bail!(
-                "{}: shards hold aux ids {:?} of width {}, the draft reads {:?} of the target's width {} (aux width {} vs {})",
-                d.display(),
-                m.aux_layer_ids,
-                m.hidden_size,
-                aux_layer_ids,
-                head.cfg.hidden_size,
-                m.aux_layer_ids.len() as i64 * m.hidden_size,
-                aux_layer_ids.len() as i64 * head.cfg.hidden_size
-            );
-        }
-        chunks.push(c);
-    }
-    Ok(chunks)
-}
-
-fn load_vocab(path: Option<&Path>, vocab: i64) -> anyhow::Result<Tensor> {
-    match path {
-        Some(p) => {
-            let (_, t2d) = crate::vocab::load(p).with_context(|| format!("reading draft vocabulary {}", p.display()))?;
-            Ok(t2d)
-        }
-        None => Ok(Tensor::ones([vocab], (Kind::Bool, Device::Cpu))),
-    }
 }
 
 pub fn run(a: TrainArgs) -> anyhow::Result<()> {
@@ -112,25 +68,6 @@ pub fn run(a: TrainArgs) -> anyhow::Result<()> {
         println!("checkpoints in {}", a.out.join("checkpoints").display());
     }
     Ok(())
-}
-
-/// A fresh draft per the recipe (or loaded from `init`), seeded, with lm_head from the target.
-pub fn build_draft(recipe: &Recipe, head: &TargetHead, init: Option<&Path>, device: Device) -> anyhow::Result<Eagle3Draft> {
-    if let Some(dir) = init {
-        return Ok(Eagle3Draft::load(dir, device)?);
-    }
-    let d = &recipe.draft;
-    let mut cfg = Eagle3Config::for_target(&head.cfg, d.aux_layer_ids.clone(), d.draft_vocab_size, d.variant == "eagle3.1");
-    if let Some(i) = d.intermediate_size {
-        cfg.intermediate_size = i;
-    }
-    let t2d = load_vocab(d.vocab.as_deref(), head.cfg.vocab_size)?;
-    tch::manual_seed(recipe.train.seed as i64);
-    let mut draft = Eagle3Draft::new(cfg, &t2d, device)?;
-    if d.init_lm_head_from_target {
-        draft.init_lm_head_from_target(&head.lm_head)?;
-    }
-    Ok(draft)
 }
 
 #[derive(Args, Debug)]

@@ -22,6 +22,15 @@ pub struct Recipe {
     /// Optimisation.
     #[serde(default)]
     pub train: TrainSection,
+    /// Feature extraction (`run`).
+    #[serde(default)]
+    pub extract: ExtractSection,
+    /// Acceptance evaluation (`run`).
+    #[serde(default)]
+    pub eval: EvalSection,
+    /// Export (`run`).
+    #[serde(default)]
+    pub export: ExportSection,
 }
 
 /// `[target]`
@@ -30,24 +39,124 @@ pub struct Recipe {
 pub struct TargetSection {
     /// Short name (`smollm2-135m`), Hugging Face repo id in the local cache, or a directory.
     pub name: String,
-    /// Compute dtype of the target forward: `f32`, `bf16` or `f16`.
+    /// Compute dtype of the target forward: `auto` (bf16 on a GPU, f32 on the CPU), `f32`,
+    /// `bf16` or `f16`.
     #[serde(default = "defaults::dtype")]
     pub dtype: String,
+    /// A multimodal target (images in the data); only text targets are implemented so far.
+    #[serde(default)]
+    pub multimodal: bool,
 }
 
 /// `[data]`
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct DataSection {
-    /// Conversations (JSONL).
+    /// Conversations or prompts (JSONL, OpenAI messages or ShareGPT), relative to the recipe.
     #[serde(default)]
     pub path: Option<PathBuf>,
-    /// Extracted feature chunks to train on (directories of shards).
+    /// Held-out prompts for the acceptance evaluation (`run`), relative to the recipe.
+    #[serde(default)]
+    pub eval_path: Option<PathBuf>,
+    /// `run`: the target writes the assistant turns itself (on-policy data) before training.
+    #[serde(default = "defaults::yes")]
+    pub regenerate: bool,
+    /// Regeneration: new tokens per answer at most.
+    #[serde(default = "defaults::regen_max_new_tokens")]
+    pub max_new_tokens: usize,
+    /// Regeneration: 0 = greedy.
+    #[serde(default)]
+    pub temperature: f64,
+    /// Regeneration: conversations per batch.
+    #[serde(default = "defaults::regen_batch_size")]
+    pub batch_size: usize,
+    /// Use at most this many conversations.
+    #[serde(default)]
+    pub limit: Option<usize>,
+    /// Extracted feature chunks to train on (`train`; `run` extracts its own).
     #[serde(default)]
     pub features: Vec<PathBuf>,
-    /// Tokens per sample at most.
+    /// Tokens per sample at most (longer samples are truncated).
     #[serde(default = "defaults::max_len")]
     pub max_len: i64,
+    /// Stop when more than this fraction of the dataset's lines are bad.
+    #[serde(default = "defaults::max_bad_fraction")]
+    pub max_bad_fraction: f64,
+    /// `run`: samples per extracted chunk (chunked-rolling epochs); 0 = one chunk.
+    #[serde(default)]
+    pub chunk_samples: usize,
+}
+
+impl Default for DataSection {
+    fn default() -> Self {
+        toml::from_str("").unwrap_or_else(|_| unreachable!("every DataSection field has a default"))
+    }
+}
+
+/// `[extract]`
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ExtractSection {
+    /// Padded tokens per forward batch.
+    #[serde(default = "defaults::batch_tokens")]
+    pub batch_tokens: usize,
+    /// Samples per forward batch.
+    #[serde(default = "defaults::extract_batch")]
+    pub max_batch_size: usize,
+    /// Feature dtype on disk: bf16, f16 or f32.
+    #[serde(default = "defaults::store_dtype")]
+    pub store_dtype: String,
+    /// Shard size limit in MiB.
+    #[serde(default = "defaults::shard_mb")]
+    pub shard_mb: u64,
+    /// Disk budget for features in GB: a chunk that would exceed it is refused before writing.
+    #[serde(default)]
+    pub max_disk_gb: Option<f64>,
+}
+
+impl Default for ExtractSection {
+    fn default() -> Self {
+        toml::from_str("").unwrap_or_else(|_| unreachable!("every ExtractSection field has a default"))
+    }
+}
+
+/// `[eval]`
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct EvalSection {
+    /// Draft tokens per speculative step.
+    #[serde(default = "defaults::eval_k")]
+    pub k: usize,
+    /// New tokens per held-out prompt.
+    #[serde(default = "defaults::eval_new_tokens")]
+    pub max_new_tokens: usize,
+    /// Held-out prompts used at most.
+    #[serde(default)]
+    pub limit: Option<usize>,
+}
+
+impl Default for EvalSection {
+    fn default() -> Self {
+        toml::from_str("").unwrap_or_else(|_| unreachable!("every EvalSection field has a default"))
+    }
+}
+
+/// `[export]`
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ExportSection {
+    /// `vllm` (flat; SGLang loads the same) or `speculators`.
+    #[serde(default = "defaults::export_format")]
+    pub format: String,
+    /// Hugging Face repo the head is meant for (`push`), recorded in the model card.
+    #[serde(default)]
+    pub repo: Option<String>,
+}
+
+impl Default for ExportSection {
+    fn default() -> Self {
+        toml::from_str("").unwrap_or_else(|_| unreachable!("every ExportSection field has a default"))
+    }
 }
 
 /// `[draft]`
@@ -151,7 +260,37 @@ impl Default for TrainSection {
 
 mod defaults {
     pub fn dtype() -> String {
+        "auto".into()
+    }
+    pub fn regen_max_new_tokens() -> usize {
+        512
+    }
+    pub fn regen_batch_size() -> usize {
+        16
+    }
+    pub fn max_bad_fraction() -> f64 {
+        0.05
+    }
+    pub fn batch_tokens() -> usize {
+        8192
+    }
+    pub fn extract_batch() -> usize {
+        32
+    }
+    pub fn store_dtype() -> String {
         "bf16".into()
+    }
+    pub fn shard_mb() -> u64 {
+        1024
+    }
+    pub fn eval_k() -> usize {
+        5
+    }
+    pub fn eval_new_tokens() -> usize {
+        128
+    }
+    pub fn export_format() -> String {
+        "vllm".into()
     }
     pub fn variant() -> String {
         "eagle3".into()
@@ -235,10 +374,22 @@ fn apply_override(root: &mut toml::Table, assignment: &str) -> std::result::Resu
 }
 
 impl Recipe {
-    /// Reads a recipe and applies `key=value` overrides; unknown keys are errors.
+    /// Reads a recipe and applies `key=value` overrides; unknown keys are errors. Relative data
+    /// paths are resolved against the recipe's directory, then the working directory.
     pub fn load(path: &Path, overrides: &[String]) -> Result<Self> {
         let text = read_to_string(path)?;
-        Self::parse(&text, path, overrides)
+        let mut r = Self::parse(&text, path, overrides)?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        let fix = |p: &mut PathBuf| {
+            if p.is_relative() && !p.exists() && base.join(&*p).exists() {
+                *p = base.join(&*p);
+            }
+        };
+        r.data.path.iter_mut().for_each(fix);
+        r.data.eval_path.iter_mut().for_each(fix);
+        r.data.features.iter_mut().for_each(fix);
+        r.draft.vocab.iter_mut().for_each(fix);
+        Ok(r)
     }
 
     /// Parses recipe text (`path` names it in errors).
@@ -270,6 +421,12 @@ impl Recipe {
         }
         if self.draft.aux_layer_ids.is_empty() {
             return bad("draft.aux_layer_ids", "must not be empty".into());
+        }
+        if !matches!(self.export.format.as_str(), "vllm" | "sglang" | "speculators") {
+            return bad("export.format", format!("must be `vllm`, `sglang` or `speculators`, got `{}`", self.export.format));
+        }
+        if self.eval.k == 0 {
+            return bad("eval.k", "must be at least 1, got 0".into());
         }
         Ok(())
     }

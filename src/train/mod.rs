@@ -3,5 +3,6 @@
 pub mod checkpoint;
 pub mod data;
 pub mod optim;
+pub mod setup;
 pub mod trainer;
 pub mod ttt;
