@@ -12,6 +12,7 @@
 //! | data-parallel process groups (c10d), DDP and the launcher | [`dist`] |
 //! | the serving export | [`export`] |
 //! | speculative decoding and acceptance evaluation | [`eval`] |
+//! | `run`: the whole pipeline, chunked-rolling, resumable | [`pipeline`] |
 #![warn(missing_docs)]
 
 pub mod cli;
@@ -25,6 +26,7 @@ pub mod export;
 pub mod extract;
 pub mod generate;
 pub mod nn;
+pub mod pipeline;
 pub mod target;
 pub mod train;
 pub mod util;

@@ -8,6 +8,7 @@ mod generate;
 mod import;
 mod launch;
 mod regenerate;
+mod run;
 mod train;
 mod vocab;
 
@@ -48,6 +49,8 @@ enum Command {
     TrainStep(train::TrainStepArgs),
     /// Write a checkpoint as a vLLM / SGLang head (validated before writing).
     Export(export::ExportArgs),
+    /// Everything from one recipe: regenerate, vocab, chunked extract+train, export, eval. Resumable.
+    Run(run::RunArgs),
 }
 
 /// Parses the command line and runs it.
@@ -67,5 +70,6 @@ pub fn main() -> anyhow::Result<()> {
         Command::Train(a) => train::run(a),
         Command::TrainStep(a) => train::run_step(a),
         Command::Export(a) => export::run(a),
+        Command::Run(a) => run::run(a),
     }
 }

@@ -6,6 +6,8 @@
 //! Servers skip unknown tensor names silently and fill missing ones with random weights, so the
 //! whole export is validated (names, shapes, dtypes, flags) before anything is written.
 
+pub mod card;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 

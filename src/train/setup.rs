@@ -74,4 +74,3 @@ pub fn build_draft(recipe: &Recipe, head: &TargetHead, init: Option<&Path>, devi
     }
     Ok(draft)
 }
-

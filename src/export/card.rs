@@ -1,0 +1,86 @@
+//! The model card (`README.md`) written beside an exported head: what it is for, how to serve it
+//! with vLLM and SGLang, the acceptance it measured, and the recipe that produced it.
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use crate::config::recipe::Recipe;
+use crate::error::{Error, Result};
+use crate::eval::SpecStats;
+use crate::pipeline::RunSummary;
+use crate::target::registry::KNOWN_TARGETS;
+
+fn rates(s: &SpecStats) -> String {
+    s.per_position_rate().iter().map(|r| format!("{r:.3}")).collect::<Vec<_>>().join(" / ")
+}
+
+/// Writes `dir/README.md` (and `dir/training_metrics.jsonl`, a copy of the training log).
+pub fn write(dir: &Path, recipe: &Recipe, summary: &RunSummary, metrics: &Path) -> Result<()> {
+    let repo = KNOWN_TARGETS.iter().find(|k| k.name == recipe.target.name).map_or(recipe.target.name.as_str(), |k| k.repo);
+    let variant = if recipe.draft.variant == "eagle3.1" { "EAGLE-3.1" } else { "EAGLE-3" };
+    let mut s = String::new();
+    let _ = writeln!(s, "---\nbase_model: {repo}\ntags:\n- speculative-decoding\n- eagle3\n- specforge-rs\n---\n");
+    let _ = writeln!(s, "# {variant} draft head for {repo}\n");
+    let _ = writeln!(
+        s,
+        "A speculative-decoding draft head trained with [specforge-rs](https://github.com/) on the target's own answers \
+         (TTT-{} forward KL, loss weight {}^k). The target verifies every drafted token, so outputs are unchanged.\n",
+        recipe.train.ttt_steps, recipe.train.step_decay
+    );
+    let _ = writeln!(s, "## Usage\n\nvLLM:\n\n```bash\nvllm serve {repo} --speculative-config '{{\"method\": \"eagle3\", \"model\": \"<this repo>\", \"num_speculative_tokens\": {}}}'\n```\n", summary.k);
+    let _ = writeln!(
+        s,
+        "SGLang:\n\n```bash\npython -m sglang.launch_server --model-path {repo} --speculative-algorithm EAGLE3 \\\n    --speculative-draft-model-path <this repo> --speculative-num-steps {} --speculative-eagle-topk 1 --speculative-num-draft-tokens {}\n```\n",
+        summary.k,
+        summary.k + 1
+    );
+    let _ = writeln!(
+        s,
+        "Aux hidden states: ids {:?} in vLLM's numbering (the residual stream entering target layer k; `eagle_aux_hidden_state_layer_ids`), \
+         {:?} in SGLang's (`eagle_config`). Draft vocabulary: {} tokens (`d2t` maps them to target ids).\n",
+        recipe.draft.aux_layer_ids,
+        recipe.draft.aux_layer_ids.iter().map(|k| k - 1).collect::<Vec<_>>(),
+        recipe.draft.draft_vocab_size,
+    );
+    let _ = writeln!(s, "## Acceptance (held-out prompts, greedy, chain of {} drafts)\n", summary.k);
+    match (&summary.trained, &summary.untrained) {
+        (Some(t), Some(u)) => {
+            let _ = writeln!(s, "| head | mean acceptance length | per-position acceptance | draft acceptance rate | drafts |");
+            let _ = writeln!(s, "|---|---|---|---|---|");
+            for (name, st) in [("trained", t), ("untrained (same init)", u)] {
+                let _ = writeln!(
+                    s,
+                    "| {name} | {:.3} | {} | {:.3} | {} |",
+                    st.mean_acceptance_length(),
+                    rates(st),
+                    st.draft_acceptance_rate(),
+                    st.num_drafts
+                );
+            }
+            let _ = writeln!(s, "\nMean acceptance length = 1 + accepted / drafts (vLLM's definition, the bonus token included).\n");
+        }
+        _ => {
+            let _ = writeln!(s, "Not measured (no `data.eval_path` in the recipe).\n");
+        }
+    }
+    if let Some(m) = &summary.last {
+        let acc: Vec<String> = m.acc.iter().map(|a| format!("{a:.3}")).collect();
+        let _ = writeln!(
+            s,
+            "## Training\n\n{} optimizer steps; last step: loss {:.4}, acc_k {}, simulated acceptance length {:.3}. \
+             The full log is `training_metrics.jsonl`.\n",
+            summary.steps,
+            m.loss,
+            acc.join(" / "),
+            m.sim_accept_len
+        );
+    }
+    let _ = writeln!(s, "## Recipe\n\n```toml\n{}```", recipe.to_toml());
+    let p = dir.join("README.md");
+    std::fs::write(&p, s).map_err(|e| Error::io(&p, e))?;
+    if metrics.exists() {
+        let dst = dir.join("training_metrics.jsonl");
+        std::fs::copy(metrics, &dst).map_err(|e| Error::io(&dst, e))?;
+    }
+    Ok(())
+}

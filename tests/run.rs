@@ -1,0 +1,112 @@
+//! `specforge-rs run` on a tiny random target with SmolLM2's tokenizer: the whole pipeline, and
+//! kill -9 at three different stages (regeneration, a chunk's extraction, training) followed by
+//! the same command, ending exactly where an uninterrupted run ends.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+fn recipe(dir: &Path, target: &Path) -> PathBuf {
+    let p = dir.join("tiny.toml");
+    let root = root();
+    let text = format!(
+        r#"[target]
+name = {target:?}
+dtype = "f32"
+
+[data]
+path = {train:?}
+eval_path = {eval:?}
+max_new_tokens = 24
+batch_size = 4
+limit = 48
+max_len = 256
+chunk_samples = 16
+
+[draft]
+variant = "eagle3.1"
+aux_layer_ids = [1, 2, 4]
+draft_vocab_size = 512
+
+[train]
+ttt_steps = 3
+lr = 3e-3
+epochs = 2
+token_budget = 512
+max_batch_size = 2
+save_every = 2
+
+[eval]
+k = 3
+max_new_tokens = 16
+limit = 4
+"#,
+        target = target.to_str().unwrap(),
+        train = root.join("data/prompts-train.jsonl").to_str().unwrap(),
+        eval = root.join("data/prompts.jsonl").to_str().unwrap(),
+    );
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+fn run_cmd(recipe: &Path, out: &Path) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_specforge-rs"));
+    c.args(["run", recipe.to_str().unwrap(), "--out", out.to_str().unwrap()])
+        .env("OMP_NUM_THREADS", "1")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    c
+}
+
+/// What must not change: the exported head's bytes and the measured numbers.
+fn outcome(out: &Path) -> (Vec<u8>, serde_json::Value) {
+    let head = std::fs::read(out.join("export/model.safetensors")).unwrap();
+    let mut summary: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+    summary.as_object_mut().unwrap().remove("export_dir");
+    (head, summary)
+}
+
+fn kill_when(recipe: &Path, out: &Path, what: &str, ready: impl Fn(&Path) -> bool) {
+    let mut child = run_cmd(recipe, out).spawn().unwrap();
+    let start = Instant::now();
+    while !ready(out) {
+        assert!(child.try_wait().unwrap().is_none(), "run finished before the {what} stage could be interrupted");
+        assert!(start.elapsed() < Duration::from_secs(600));
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+}
+
+#[test]
+fn run_resumes_after_kill9_at_three_stages() {
+    let target = reference("tiny_target.py", &[root().join(".cache/smollm2-135m-instruct").to_str().unwrap()]);
+    let dir = tempfile::tempdir().unwrap();
+    let r = recipe(dir.path(), &target);
+
+    let straight = dir.path().join("straight");
+    assert!(run_cmd(&r, &straight).status().unwrap().success());
+    let want = outcome(&straight);
+    assert!(want.1["trained"]["num_drafts"].as_u64().unwrap() > 0);
+    assert_eq!(std::fs::read_dir(straight.join("chunks")).unwrap().count(), 0, "every chunk is deleted after training on it");
+
+    let lines = |p: &Path| std::fs::read_to_string(p.join("regenerated.jsonl")).map(|t| t.lines().count()).unwrap_or(0);
+    let stage = |p: &Path| std::fs::read_to_string(p.join("run_state.json")).unwrap_or_default();
+    let cases: [(&str, Box<dyn Fn(&Path) -> bool>); 3] = [
+        ("regenerate", Box::new(move |p: &Path| lines(p) >= 12)),
+        ("extract", Box::new(move |p: &Path| p.join("chunks/epoch-000-chunk-00001").exists())),
+        ("train", Box::new(move |p: &Path| stage(p).contains("train") && p.join("train/checkpoints/step-00000008").exists())),
+    ];
+    for (name, ready) in cases {
+        let out = dir.path().join(name);
+        kill_when(&r, &out, name, ready);
+        assert!(run_cmd(&r, &out).status().unwrap().success(), "rerun after a kill during {name} failed");
+        let got = outcome(&out);
+        assert_eq!(got.1, want.1, "summary after a kill during {name}");
+        assert!(got.0 == want.0, "exported head after a kill during {name} differs");
+    }
+}
