@@ -110,3 +110,22 @@ fn run_resumes_after_kill9_at_three_stages() {
         assert!(got.0 == want.0, "exported head after a kill during {name} differs");
     }
 }
+
+/// Every shipped recipe parses strictly; one whose target is not implemented stops at once.
+#[test]
+fn shipped_recipes_parse_and_unimplemented_targets_fail_at_once() {
+    use specforge_rs::config::recipe::Recipe;
+    let mut n = 0;
+    for entry in std::fs::read_dir(root().join("recipes")).unwrap() {
+        let p = entry.unwrap().path();
+        let r = Recipe::load(&p, &[]).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+        n += 1;
+        if r.target.multimodal {
+            let dir = tempfile::tempdir().unwrap();
+            let err = specforge_rs::pipeline::run(&r, dir.path()).unwrap_err().to_string();
+            assert!(err.contains("vision tower") && err.contains(&r.target.name), "{}: {err}", p.display());
+            assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "nothing is written");
+        }
+    }
+    assert!(n >= 4);
+}

@@ -77,6 +77,14 @@ fn state_note(run_dir: &Path, stage: &str) -> Result<()> {
 
 /// Runs the recipe in `run_dir`.
 pub fn run(recipe: &Recipe, run_dir: &Path) -> Result<RunSummary> {
+    // Fail at once, before anything is loaded or written, on what is not implemented yet.
+    if recipe.target.multimodal {
+        return Err(Error::config(
+            "recipe",
+            "target.multimodal",
+            format!("is true for `{}`, but the vision tower (image patches, M-RoPE positions, deepstack) is not implemented yet: only text targets can run", recipe.target.name),
+        ));
+    }
     std::fs::create_dir_all(run_dir).map_err(|e| Error::io(run_dir, e))?;
     // A run directory belongs to one recipe: resuming with another would mix two runs.
     let recipe_toml = recipe.to_toml();
