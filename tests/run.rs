@@ -94,6 +94,37 @@ fn run_resumes_after_kill9_at_three_stages() {
     assert!(want.1["trained"]["num_drafts"].as_u64().unwrap() > 0);
     assert_eq!(std::fs::read_dir(straight.join("chunks")).unwrap().count(), 0, "every chunk is deleted after training on it");
 
+    // `eval` on the exported head reproduces the run's own evaluation (same prompts, k, budget),
+    // and writes its table's numbers as JSON with a PNG beside.
+    let eval_json = dir.path().join("eval.json");
+    let st = Command::new(env!("CARGO_BIN_EXE_specforge-rs"))
+        .args(["eval", "--draft"])
+        .arg(straight.join("export"))
+        .args(["--target", target.to_str().unwrap(), "--data", root().join("data/prompts.jsonl").to_str().unwrap()])
+        .args(["--k", "3", "--max-new-tokens", "16", "--limit", "4", "--dtype", "f32", "--json"])
+        .arg(&eval_json)
+        .env("OMP_NUM_THREADS", "1")
+        .stdout(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let ev: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&eval_json).unwrap()).unwrap();
+    assert_eq!(ev["counters"], want.1["trained"]);
+    assert!(eval_json.with_extension("png").exists());
+    // `generate --draft` answers exactly what plain greedy generation answers.
+    let gen = |draft: bool| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_specforge-rs"));
+        c.args(["generate", "--target", target.to_str().unwrap(), "--prompts", root().join("data/prompts.jsonl").to_str().unwrap()])
+            .args(["--limit", "4", "--max-new-tokens", "16"])
+            .env("OMP_NUM_THREADS", "1");
+        if draft {
+            c.arg("--draft").arg(straight.join("export")).args(["--k", "3"]);
+        }
+        let out = String::from_utf8(c.output().unwrap().stdout).unwrap();
+        out.split("\n").filter(|l| !l.contains("tokens/s")).collect::<Vec<_>>().join("\n")
+    };
+    assert_eq!(gen(true), gen(false));
+
     let lines = |p: &Path| std::fs::read_to_string(p.join("regenerated.jsonl")).map(|t| t.lines().count()).unwrap_or(0);
     let stage = |p: &Path| std::fs::read_to_string(p.join("run_state.json")).unwrap_or_default();
     let cases: [(&str, Box<dyn Fn(&Path) -> bool>); 3] = [

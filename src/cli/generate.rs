@@ -45,6 +45,13 @@ pub struct GenerateArgs {
     /// Compute dtype: f32 or bf16.
     #[arg(long, default_value = "f32")]
     dtype: String,
+    /// Speculative decoding with this draft head (greedy, chain of --k drafts): the answers are
+    /// exactly the target's greedy ones, produced with fewer target steps.
+    #[arg(long)]
+    draft: Option<PathBuf>,
+    /// Drafts per step with --draft.
+    #[arg(long, default_value_t = 5)]
+    k: usize,
 }
 
 pub(crate) fn parse_kind(s: &str) -> anyhow::Result<Kind> {
@@ -101,6 +108,31 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
     tch::manual_seed(a.seed);
     let start = Instant::now();
     let mut new_tokens = 0usize;
+    if let Some(d) = &a.draft {
+        anyhow::ensure!(a.temperature <= 0.0, "--draft decodes greedily; drop --temperature");
+        let head = super::export::resolve_checkpoint(d)?;
+        let draft = crate::draft::Eagle3Draft::load(&head, device)?;
+        let dec = crate::eval::SpecDecoder::new(model.as_ref(), &draft, a.k, opts.stop_ids.clone(), device)?;
+        let mut total = crate::eval::SpecStats::default();
+        for c in &convs {
+            let prompt = tok.encode(&tok.apply_chat_template(c, true)?, false)?;
+            let (ans, stats) = dec.run(&prompt, a.max_new_tokens, crate::eval::Verify::Target)?;
+            new_tokens += ans.len();
+            total.add(&stats);
+            let question = c.as_array().and_then(|m| m.last()).and_then(|m| m.get("content")).and_then(Value::as_str).unwrap_or("");
+            println!("### {}\n{}\n", question.trim(), tok.decode(&ans, true)?.trim());
+        }
+        let secs = start.elapsed().as_secs_f64();
+        println!(
+            "{} answers, {new_tokens} new tokens in {secs:.1} s ({:.1} tokens/s); {} target steps, mean acceptance length {:.3} at k = {}",
+            convs.len(),
+            new_tokens as f64 / secs,
+            total.num_drafts + convs.len() as u64,
+            total.mean_acceptance_length(),
+            a.k
+        );
+        return Ok(());
+    }
     for chunk in convs.chunks(a.batch_size.max(1)) {
         let prompts = chunk
             .iter()

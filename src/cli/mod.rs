@@ -2,6 +2,7 @@
 
 mod data_args;
 mod dist_selftest;
+mod eval;
 mod export;
 mod extract;
 mod generate;
@@ -49,6 +50,8 @@ enum Command {
     TrainStep(train::TrainStepArgs),
     /// Write a checkpoint as a vLLM / SGLang head (validated before writing).
     Export(export::ExportArgs),
+    /// Acceptance of a draft head on held-out prompts (vLLM's mean acceptance length and per-position rates).
+    Eval(eval::EvalArgs),
     /// Everything from one recipe: regenerate, vocab, chunked extract+train, export, eval. Resumable.
     Run(run::RunArgs),
 }
@@ -71,5 +74,6 @@ pub fn main() -> anyhow::Result<()> {
         Command::TrainStep(a) => train::run_step(a),
         Command::Export(a) => export::run(a),
         Command::Run(a) => run::run(a),
+        Command::Eval(a) => eval::run(a),
     }
 }

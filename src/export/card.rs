@@ -9,9 +9,53 @@ use crate::error::{Error, Result};
 use crate::eval::SpecStats;
 use crate::pipeline::RunSummary;
 use crate::target::registry::KNOWN_TARGETS;
+use crate::train::trainer::StepMetrics;
+use crate::util::plot::{line_chart, Series};
 
 fn rates(s: &SpecStats) -> String {
     s.per_position_rate().iter().map(|r| format!("{r:.3}")).collect::<Vec<_>>().join(" / ")
+}
+
+/// Training curves (loss; acc_0 and simulated acceptance length) and the evaluation's
+/// per-position acceptance, as PNG files in `dir`; returns (file, caption) pairs.
+fn plots(dir: &Path, summary: &RunSummary, metrics: &Path) -> Result<Vec<(String, String)>> {
+    let mut out = Vec::new();
+    let steps: Vec<StepMetrics> =
+        std::fs::read_to_string(metrics).map(|t| t.lines().filter_map(|l| serde_json::from_str(l).ok()).collect()).unwrap_or_default();
+    if !steps.is_empty() {
+        let xy = |f: &dyn Fn(&StepMetrics) -> f64| steps.iter().map(|m| (m.step as f64, f(m))).collect::<Vec<_>>();
+        line_chart(
+            &dir.join("training_loss.png"),
+            "training loss (sum over TTT steps of 0.8^k KL_k)",
+            "optimizer step",
+            "loss",
+            &[Series { name: "loss".into(), points: xy(&|m| m.loss) }],
+        )?;
+        out.push(("training_loss.png".into(), "training loss".into()));
+        line_chart(
+            &dir.join("training_acceptance.png"),
+            "training batches: acc_0 and simulated acceptance length",
+            "optimizer step",
+            "value",
+            &[
+                Series { name: "acc_0".into(), points: xy(&|m| m.acc.first().copied().unwrap_or(0.0)) },
+                Series { name: "sim. accept len".into(), points: xy(&|m| m.sim_accept_len) },
+            ],
+        )?;
+        out.push(("training_acceptance.png".into(), "acceptance on training batches".into()));
+    }
+    if let (Some(t), Some(u)) = (&summary.trained, &summary.untrained) {
+        let pos = |s: &SpecStats| s.per_position_rate().iter().enumerate().map(|(i, r)| (i as f64 + 1.0, *r)).collect::<Vec<_>>();
+        line_chart(
+            &dir.join("acceptance.png"),
+            "held-out acceptance: fraction of steps accepting at least i drafts",
+            "draft position i",
+            "rate",
+            &[Series { name: "trained".into(), points: pos(t) }, Series { name: "untrained".into(), points: pos(u) }],
+        )?;
+        out.push(("acceptance.png".into(), "per-position acceptance, trained vs untrained".into()));
+    }
+    Ok(out)
 }
 
 /// Writes `dir/README.md` (and `dir/training_metrics.jsonl`, a copy of the training log).
@@ -74,6 +118,13 @@ pub fn write(dir: &Path, recipe: &Recipe, summary: &RunSummary, metrics: &Path) 
             acc.join(" / "),
             m.sim_accept_len
         );
+    }
+    let plots = plots(dir, summary, metrics)?;
+    if !plots.is_empty() {
+        let _ = writeln!(s, "## Curves\n");
+        for (file, caption) in plots {
+            let _ = writeln!(s, "![{caption}]({file})\n");
+        }
     }
     let _ = writeln!(s, "## Recipe\n\n```toml\n{}```", recipe.to_toml());
     let p = dir.join("README.md");

@@ -3,4 +3,5 @@
 pub mod bytes;
 pub mod fs;
 pub mod logging;
+pub mod plot;
 pub mod progress;
