@@ -27,7 +27,7 @@ pub struct TargetInfo {
     pub name: String,
     /// config.json `model_type`.
     pub model_type: String,
-    /// xxh3-64 of the canonical config.json: the trainer refuses shards of another target.
+    /// xxh3-64 of the config.json bytes as read: the trainer refuses shards of another target.
     pub config_hash: String,
     /// Target vocabulary size V.
     pub vocab_size: i64,
