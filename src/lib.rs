@@ -13,6 +13,7 @@
 //! | the serving export | [`export`] |
 //! | speculative decoding and acceptance evaluation | [`eval`] |
 //! | `run`: the whole pipeline, chunked-rolling, resumable | [`pipeline`] |
+//! | upload an export to a Hugging Face repo | [`push`] |
 #![warn(missing_docs)]
 
 pub mod cli;
@@ -27,6 +28,7 @@ pub mod extract;
 pub mod generate;
 pub mod nn;
 pub mod pipeline;
+pub mod push;
 pub mod target;
 pub mod train;
 pub mod util;

@@ -8,6 +8,7 @@ mod extract;
 mod generate;
 mod import;
 mod launch;
+mod push;
 mod regenerate;
 mod run;
 mod train;
@@ -54,6 +55,8 @@ enum Command {
     Eval(eval::EvalArgs),
     /// Everything from one recipe: regenerate, vocab, chunked extract+train, export, eval. Resumable.
     Run(run::RunArgs),
+    /// Upload an export directory to a Hugging Face model repo in one commit (LFS for weights); `--dry-run` lists it.
+    Push(push::PushArgs),
 }
 
 /// Parses the command line and runs it.
@@ -75,5 +78,6 @@ pub fn main() -> anyhow::Result<()> {
         Command::Export(a) => export::run(a),
         Command::Run(a) => run::run(a),
         Command::Eval(a) => eval::run(a),
+        Command::Push(a) => push::run(a),
     }
 }
