@@ -29,10 +29,13 @@ done
 echo -n "bench_target: specforge-rs / transformers: "; echo -n "$pairs" | ratio
 
 echo "== TTT-7 training step (forward + backward), SmolLM2-sized EAGLE-3.1 head, Vd 8192, 4 x 512 tokens"
-pairs=""
+pairs=""; dpairs=""
 for _ in $(seq "$ROUNDS"); do
     a=$($BIN train-step --draft "$BT/draft" --target "$BT/target" --features "$BT/features" --ttt 7 --json "$BT/step.json" --repeat 2 | grep '^bench_ttt'); echo "$a"
-    b=$($PY tests/reference/bench_ttt.py time --dir "$BT" --ttt 7 --repeat 2); echo "$b"
+    b=$($PY tests/reference/bench_ttt.py time --dir "$BT" --ttt 7 --repeat 2 --attention cachelist); echo "$b"
+    c=$($PY tests/reference/bench_ttt.py time --dir "$BT" --ttt 7 --repeat 2 --attention dense); echo "$c"
     pairs+="$(echo "$a" | tps) $(echo "$b" | tps)"$'\n'
+    dpairs+="$(echo "$a" | tps) $(echo "$c" | tps)"$'\n'
 done
-echo -n "bench_ttt: specforge-rs / PyTorch: "; echo -n "$pairs" | ratio
+echo -n "bench_ttt: specforge-rs / PyTorch (SpecForge's cache-list attention): "; echo -n "$pairs" | ratio
+echo -n "bench_ttt: specforge-rs / PyTorch (dense-mask attention): "; echo -n "$dpairs" | ratio

@@ -67,7 +67,7 @@ pub fn write(dir: &Path, recipe: &Recipe, summary: &RunSummary, metrics: &Path) 
     let _ = writeln!(s, "# {variant} draft head for {repo}\n");
     let _ = writeln!(
         s,
-        "A speculative-decoding draft head trained with [specforge-rs](https://github.com/) on the target's own answers \
+        "A speculative-decoding draft head trained with specforge-rs on the target's own answers \
          (TTT-{} forward KL, loss weight {}^k). The target verifies every drafted token, so outputs are unchanged.\n",
         recipe.train.ttt_steps, recipe.train.step_decay
     );

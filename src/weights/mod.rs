@@ -365,7 +365,17 @@ pub fn save_safetensors(path: &Path, tensors: &[(String, Tensor)], metadata: Opt
         .collect::<Result<Vec<_>>>()?;
     let tmp = tmp_path(path);
     safetensors::serialize_to_file(views, metadata, &tmp).map_err(|e| Error::Safetensors { path: tmp.clone(), reason: e.to_string() })?;
-    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+    // The safetensors crate creates the file owner-only (0600); a head or checkpoint is meant to be
+    // read by servers and colleagues like any other file we write. fsync before the rename so a
+    // crash never leaves a renamed but empty file.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o644)).map_err(|e| Error::io(&tmp, e))?;
+        std::fs::File::open(&tmp).and_then(|f| f.sync_all()).map_err(|e| Error::io(&tmp, e))?;
+    }
+    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))?;
+    crate::util::fs::sync_parent(path);
+    Ok(())
 }
 
 /// `dir/.name.tmp-<pid>` beside `path`, for atomic writes.
@@ -388,6 +398,8 @@ mod tests {
         let b = src.get("model.embed_tokens.weight", Kind::Float, Device::Cpu).unwrap();
         assert_eq!(b.kind(), Kind::Float);
         assert!(b.equal(&a.to_kind(Kind::Float)));
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(std::fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o644, "readable by servers, not owner-only");
     }
 
     #[test]

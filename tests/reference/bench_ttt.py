@@ -52,11 +52,14 @@ def timing(a):
     _, samples = R.load_features(d / "features")
     batch = R.collate(samples, torch.float32)
     tokens = sum(batch["lengths"])
+    # dense: one (k+1)T-wide masked softmax; cachelist: SpecForge's formulation (causal scores
+    # against step 0's keys plus one diagonal score per earlier step, one softmax).
+    attention = {"dense": R.ttt_attention_dense, "cachelist": R.ttt_attention_cachelist}[a.attention]
 
     def once():
         for p in P.values():
             p.grad = None
-        loss, _, _ = R.ttt_step(P, cfg, t2d, embed, lm_head, batch, a.ttt, 0.8)
+        loss, _, _ = R.ttt_step(P, cfg, t2d, embed, lm_head, batch, a.ttt, 0.8, attention)
         loss.backward()
 
     once()  # warm-up
@@ -64,7 +67,7 @@ def timing(a):
     for _ in range(a.repeat):
         once()
     secs = (time.perf_counter() - start) / a.repeat
-    print(f"bench_ttt impl=pytorch ttt={a.ttt} tokens={tokens} threads={torch.get_num_threads()} "
+    print(f"bench_ttt impl=pytorch-{a.attention} ttt={a.ttt} tokens={tokens} threads={torch.get_num_threads()} "
           f"step_s={secs:.3f} tokens_per_s={tokens / secs:.1f}")
 
 
@@ -80,6 +83,7 @@ def main():
     t.add_argument("--dir", required=True)
     t.add_argument("--ttt", type=int, default=7)
     t.add_argument("--repeat", type=int, default=3)
+    t.add_argument("--attention", choices=["dense", "cachelist"], default="cachelist")
     a = ap.parse_args()
     make(a) if a.cmd == "make" else timing(a)
 
