@@ -111,6 +111,21 @@ fn run_resumes_after_kill9_at_three_stages() {
     let ev: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&eval_json).unwrap()).unwrap();
     assert_eq!(ev["counters"], want.1["trained"]);
     assert!(eval_json.with_extension("png").exists());
+    // A standalone `export` of the run's training directory writes the same head, and a model card
+    // from the checkpoint's recipe and the training log (acceptance left to `eval`).
+    let again = dir.path().join("export-again");
+    let st = Command::new(env!("CARGO_BIN_EXE_specforge-rs"))
+        .args(["export", "--checkpoint"])
+        .arg(straight.join("train"))
+        .arg("--out")
+        .arg(&again)
+        .stdout(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(st.success());
+    assert!(std::fs::read(again.join("model.safetensors")).unwrap() == want.0, "standalone export differs from the run's");
+    let card = std::fs::read_to_string(again.join("README.md")).unwrap();
+    assert!(card.contains("## Training") && card.contains("Not measured yet") && again.join("training_loss.png").exists(), "{card}");
     // `generate --draft` answers exactly what plain greedy generation answers.
     let gen = |draft: bool| {
         let mut c = Command::new(env!("CARGO_BIN_EXE_specforge-rs"));

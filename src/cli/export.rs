@@ -6,8 +6,11 @@ use anyhow::Context;
 use clap::Args;
 use tch::Device;
 
+use crate::config::recipe::Recipe;
 use crate::draft::Eagle3Draft;
 use crate::export::{export, Format};
+use crate::pipeline::RunSummary;
+use crate::train::checkpoint::TrainState;
 
 #[derive(Args, Debug)]
 pub struct ExportArgs {
@@ -43,5 +46,26 @@ pub fn run(a: ExportArgs) -> anyhow::Result<()> {
     let draft = Eagle3Draft::load(&dir, Device::Cpu).with_context(|| format!("loading {}", dir.display()))?;
     export(&draft, &a.out, format, a.verifier.as_deref())?;
     println!("exported {} -> {} ({format:?}, bf16, validated)", dir.display(), a.out.display());
+    // A checkpoint carries its resolved recipe and its run's training log: enough for the model
+    // card (acceptance is measured by `eval` or `run`, not here). A bare head gets none.
+    let recipe_path = dir.join("recipe.toml");
+    if recipe_path.is_file() {
+        let text = crate::error::read_to_string(&recipe_path)?;
+        let recipe = Recipe::parse(&text, &recipe_path, &[])?;
+        let state: TrainState = crate::error::read_json(&dir.join("state.json"))?;
+        let metrics = dir.parent().and_then(Path::parent).map(|run| run.join("metrics.jsonl")).unwrap_or_default();
+        let summary = RunSummary {
+            export_dir: a.out.clone(),
+            steps: state.step,
+            last: crate::pipeline::last_logged(&metrics),
+            trained: None,
+            untrained: None,
+            k: recipe.eval.k,
+        };
+        crate::export::card::write(&a.out, &recipe, &summary, &metrics)?;
+        println!("model card {}", a.out.join("README.md").display());
+    } else {
+        println!("no recipe.toml beside {}: no model card written", dir.display());
+    }
     Ok(())
 }

@@ -104,7 +104,7 @@ pub fn write(dir: &Path, recipe: &Recipe, summary: &RunSummary, metrics: &Path) 
             let _ = writeln!(s, "\nMean acceptance length = 1 + accepted / drafts (vLLM's definition, the bonus token included).\n");
         }
         _ => {
-            let _ = writeln!(s, "Not measured (no `data.eval_path` in the recipe).\n");
+            let _ = writeln!(s, "Not measured yet: `specforge-rs eval --draft <this directory>` measures it, and `run` does when the recipe has `data.eval_path`.\n");
         }
     }
     if let Some(m) = &summary.last {

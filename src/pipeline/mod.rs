@@ -230,7 +230,8 @@ pub fn run(recipe: &Recipe, run_dir: &Path) -> Result<RunSummary> {
     Ok(summary)
 }
 
-fn last_logged(metrics: &Path) -> Option<StepMetrics> {
+/// The last line of a training log (`metrics.jsonl`), if any.
+pub fn last_logged(metrics: &Path) -> Option<StepMetrics> {
     let text = std::fs::read_to_string(metrics).ok()?;
     text.lines().last().and_then(|l| serde_json::from_str(l).ok())
 }
