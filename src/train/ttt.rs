@@ -209,6 +209,10 @@ pub fn ttt_forward(
     let p = p.view([b, t, cfg.draft_vocab_size]);
     let in_draft = draft.t2d.index_select(0, &argmax.flatten(0, -1)).view([b, t]).to_kind(Kind::Int64);
     let position_mask = &in_draft * &loss_mask;
+    // Step k's teacher is p shifted left by k (zero rows past the end): one padded copy and a view
+    // per step instead of a [B, T, Vd] copy per step; its argmax likewise, computed once.
+    let p_padded = Tensor::cat(&[&p, &Tensor::zeros([b, ttt as i64, cfg.draft_vocab_size], (p.kind(), p.device()))], 1);
+    let p_argmax = p.argmax(-1, false); // a zero row's argmax is 0, which is also what the shift pads with
     let positions = position_mask.sum(Kind::Int64).int64_value(&[]);
 
     let ids = shift_left(batch.input_ids, 1);
@@ -226,14 +230,15 @@ pub fn ttt_forward(
         let (cos, sin) = draft.rope(&(&base_pos + k), compute);
         let out = draft.step(&emb, &hidden, &cos, &sin, &mut kv);
         let logits = draft.compute_logits(&out.post).to_kind(Kind::Float); // [B, T, Vd]
-        let p_k = shift_left(&p, k);
+        let p_k = p_padded.narrow(1, k, t);
         let mask_k = shift_left(&position_mask, k);
         let ce = -(&p_k * logits.log_softmax(-1, Kind::Float)).sum_dim_intlist(-1, false, Kind::Float); // [B, T]
         let loss_k = (ce * mask_k.to_kind(Kind::Float)).sum(Kind::Float) / denom;
         losses.push(loss_k.double_value(&[]));
         weighted = weighted + &loss_k * decay.powi(k as i32);
 
-        let correct = tch::no_grad(|| logits.argmax(-1, false).eq_tensor(&p_k.argmax(-1, false)).logical_and(&mask_k.to_kind(Kind::Bool)));
+        let correct =
+            tch::no_grad(|| logits.argmax(-1, false).eq_tensor(&shift_left(&p_argmax, k)).logical_and(&mask_k.to_kind(Kind::Bool)));
         let ku = k as usize;
         counts.acc_correct[ku] = correct.sum(Kind::Int64).int64_value(&[]);
         counts.acc_denominator[ku] = shift_left(&loss_mask, k).sum(Kind::Int64).int64_value(&[]);
