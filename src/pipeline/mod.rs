@@ -31,7 +31,7 @@ use crate::draft::Eagle3Draft;
 use crate::error::{Error, Result};
 use crate::eval::{SpecDecoder, SpecStats, Verify};
 use crate::extract::manifest::RunInfo;
-use crate::extract::reader::{plan_batches, plan_batches_for_lengths, BatchOptions, Chunk, Prefetcher};
+use crate::extract::reader::{plan_batches, plan_batches_for_lengths, BatchOptions, Chunk};
 use crate::extract::writer::{self, dtype_name, ExtractOptions};
 use crate::generate::regenerate::{regenerate, select, RegenerateOptions};
 use crate::generate::GenerateOptions;
@@ -415,16 +415,7 @@ impl MicroBatches for Rolling<'_> {
         let chunks = self.ensure(e)?;
         let (epoch, _) = self.split(e);
         let specs: Vec<_> = plan_batches(&chunks, &self.opts, self.seed, epoch).into_iter().skip(start as usize).collect();
-        let it = Prefetcher::new(chunks, specs, self.device, 2).map(|r| {
-            r.map(|b| TrainBatch {
-                input_ids: b.input_ids,
-                attention_mask: b.attention_mask,
-                loss_mask: b.loss_mask,
-                aux: b.aux,
-                last_hidden: b.last_hidden,
-            })
-        });
-        Ok(Box::new(it))
+        Ok(crate::train::data::prefetched(chunks, specs, self.device))
     }
 
     fn epoch_done(&self, e: u64) -> Result<()> {

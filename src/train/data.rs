@@ -45,15 +45,20 @@ impl MicroBatches for ChunkBatches {
 
     fn iter_from(&self, epoch: u64, start: u64) -> Result<Box<dyn Iterator<Item = Result<TrainBatch>> + '_>> {
         let specs: Vec<BatchSpec> = self.specs(epoch).into_iter().skip(start as usize).collect();
-        let it = Prefetcher::new(self.chunks.clone(), specs, self.device, 2).map(|r| {
-            r.map(|b| TrainBatch {
-                input_ids: b.input_ids,
-                attention_mask: b.attention_mask,
-                loss_mask: b.loss_mask,
-                aux: b.aux,
-                last_hidden: b.last_hidden,
-            })
-        });
-        Ok(Box::new(it))
+        Ok(prefetched(self.chunks.clone(), specs, self.device))
     }
+}
+
+/// The batches `specs` of `chunks`, assembled on a background thread (two ahead), as the
+/// trainer's micro-batches.
+pub fn prefetched<'a>(chunks: Arc<Vec<Chunk>>, specs: Vec<BatchSpec>, device: Device) -> Box<dyn Iterator<Item = Result<TrainBatch>> + 'a> {
+    Box::new(Prefetcher::new(chunks, specs, device, 2).map(|r| {
+        r.map(|b| TrainBatch {
+            input_ids: b.input_ids,
+            attention_mask: b.attention_mask,
+            loss_mask: b.loss_mask,
+            aux: b.aux,
+            last_hidden: b.last_hidden,
+        })
+    }))
 }
