@@ -216,6 +216,11 @@ impl Error {
     }
 }
 
+/// Reads a file's bytes, naming it on failure.
+pub fn read_bytes(path: &std::path::Path) -> Result<Vec<u8>> {
+    std::fs::read(path).map_err(|e| Error::io(path, e))
+}
+
 /// Reads a file to a string, naming it on failure.
 pub fn read_to_string(path: &std::path::Path) -> Result<String> {
     std::fs::read_to_string(path).map_err(|e| Error::io(path, e))

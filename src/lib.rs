@@ -12,7 +12,8 @@
 //! | data-parallel process groups (c10d), DDP and the launcher | [`dist`] |
 //! | the serving export | [`export`] |
 //! | speculative decoding and acceptance evaluation | [`eval`] |
-//! | `run`: the whole pipeline, chunked-rolling, resumable | [`pipeline`] |
+//! | `run`: the whole pipeline, chunked-rolling, resumable; the export stage and the model card | [`pipeline`] |
+//! | what every stage runs with: rank, device, threads, who prints; the opened target | [`runtime`] |
 //! | upload an export to a Hugging Face repo | [`push`] |
 #![warn(missing_docs)]
 
@@ -29,6 +30,7 @@ pub mod generate;
 pub mod nn;
 pub mod pipeline;
 pub mod push;
+pub mod runtime;
 pub mod target;
 pub mod train;
 pub mod util;

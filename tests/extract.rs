@@ -47,6 +47,8 @@ fn run_info(data: &Path) -> RunInfo {
         shard_bytes: 0,
         planned_samples: 0,
         planned_tokens: 0,
+        chunk: 0,
+        chunk_samples: 0,
     }
 }
 

@@ -21,11 +21,13 @@ dtype = "f32"
 [data]
 path = {train:?}
 eval_path = {eval:?}
-max_new_tokens = 24
-batch_size = 4
 limit = 48
 max_len = 256
 chunk_samples = 16
+
+[regenerate]
+max_new_tokens = 24
+batch_size = 4
 
 [draft]
 variant = "eagle3.1"
@@ -168,7 +170,7 @@ fn shipped_recipes_parse_and_unimplemented_targets_fail_at_once() {
         n += 1;
         if r.target.multimodal {
             let dir = tempfile::tempdir().unwrap();
-            let err = specforge_rs::pipeline::run(&r, dir.path()).unwrap_err().to_string();
+            let err = specforge_rs::pipeline::run(&r, dir.path(), &specforge_rs::runtime::Runtime::cpu()).unwrap_err().to_string();
             assert!(err.contains("vision tower") && err.contains(&r.target.name), "{}: {err}", p.display());
             assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "nothing is written");
         }

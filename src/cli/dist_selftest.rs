@@ -10,7 +10,7 @@ use anyhow::{bail, Context};
 use clap::Args;
 use tch::{Device, Kind, Tensor};
 
-use crate::dist::{BackendChoice, DistEnv, GroupOptions, ProcessGroup, ReduceOp};
+use crate::dist::{BackendChoice, GroupOptions, ProcessGroup, ReduceOp};
 
 /// Options of the self-test.
 #[derive(Args, Debug)]
@@ -56,14 +56,14 @@ fn kind_of(s: &str) -> anyhow::Result<Kind> {
 }
 
 /// Runs the self-test on the group from the environment.
-pub fn run(a: SelftestArgs) -> anyhow::Result<()> {
+pub fn run(a: SelftestArgs, rt: &crate::runtime::Runtime) -> anyhow::Result<()> {
     let timeout = Duration::from_millis(a.timeout_ms);
     let t0 = Instant::now();
     let mut opts = GroupOptions::with_timeout(timeout);
     if a.cuda {
         opts.backend = BackendChoice::RequireNccl;
     }
-    let pg = ProcessGroup::new(DistEnv::from_env()?, &opts)?;
+    let pg = ProcessGroup::new(rt.env.clone(), &opts)?;
     let (rank, world) = (pg.rank(), pg.world_size());
     tracing::debug!(rank, world, "joined in {:.2} s", t0.elapsed().as_secs_f64());
     if let Some(dir) = &a.pid_dir {

@@ -1,191 +1,287 @@
-//! Run recipes: strict TOML (every unknown key is an error naming it), sections by stage, with
-//! dotted command-line overrides (`--set train.lr=2e-4`). The resolved recipe is written into
-//! every checkpoint.
+//! Run recipes and the stage configs they are made of.
+//!
+//! Every section of a recipe is the typed config of one stage, and the same type is that stage's
+//! command-line arguments (`clap::Args` and `Deserialize` on one struct): `[extract] shard_size`
+//! is `extract --shard-size`, and its default is written once, in the `#[arg]` attribute —
+//! `Default` parses an empty command line, and serde fills missing keys from `Default`. Paths
+//! that only a recipe names (`data.path`, `data.features`, ...) are `#[arg(skip)]`.
+//!
+//! Recipes are strict TOML (every unknown key is an error naming it) with dotted command-line
+//! overrides (`--set train.lr=2e-4`). The resolved recipe is written into every checkpoint.
 
 use std::path::{Path, PathBuf};
 
+use clap::Args;
 use serde::{Deserialize, Serialize};
 
+use super::kinds::{ByteSize, DraftVariant, Dtype, ExportFormat, StoreDtype};
+use crate::data::Truncation;
 use crate::error::{read_to_string, Error, Result};
+
+/// A stage config with every field at its default: clap parses an empty command line, so the
+/// default written in the `#[arg]` attribute is the only one.
+pub fn clap_defaults<T: Args + clap::FromArgMatches>() -> T {
+    let cmd = T::augment_args(clap::Command::new("defaults").no_binary_name(true));
+    let matches = cmd.try_get_matches_from(std::iter::empty::<String>());
+    match matches.and_then(|m| T::from_arg_matches(&m)) {
+        Ok(t) => t,
+        Err(e) => unreachable!("every field of a stage config has a default: {e}"),
+    }
+}
+
+macro_rules! defaults_from_clap {
+    ($($t:ty),*) => {$(
+        impl Default for $t {
+            fn default() -> Self {
+                clap_defaults()
+            }
+        }
+    )*};
+}
+defaults_from_clap!(TargetSpec, DataConfig, RegenerateConfig, ExtractConfig, EvalConfig, ExportConfig);
+
+/// Draft vocabulary size when neither `--draft-vocab-size` nor `draft.draft_vocab_size` says.
+pub const DEFAULT_DRAFT_VOCAB_SIZE: usize = 32000;
+
+/// Draft tokens per speculative step when neither `--k` nor `eval.k` says.
+pub const DEFAULT_K: usize = 5;
 
 /// A whole run.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Recipe {
     /// The frozen target.
-    pub target: TargetSection,
+    #[serde(default)]
+    pub target: TargetSpec,
     /// Training data.
     #[serde(default)]
-    pub data: DataSection,
-    /// Draft architecture.
-    pub draft: DraftSection,
-    /// Optimisation.
+    pub data: DataConfig,
+    /// On-policy regeneration (`run` with `data.regenerate`).
     #[serde(default)]
-    pub train: TrainSection,
+    pub regenerate: RegenerateConfig,
     /// Feature extraction (`run`).
     #[serde(default)]
-    pub extract: ExtractSection,
-    /// Acceptance evaluation (`run`).
+    pub extract: ExtractConfig,
+    /// Draft architecture.
     #[serde(default)]
-    pub eval: EvalSection,
+    pub draft: DraftConfig,
+    /// Optimisation.
+    #[serde(default)]
+    pub train: TrainConfig,
     /// Export (`run`).
     #[serde(default)]
-    pub export: ExportSection,
+    pub export: ExportConfig,
+    /// Acceptance evaluation (`run`).
+    #[serde(default)]
+    pub eval: EvalConfig,
 }
 
-/// `[target]`
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct TargetSection {
-    /// Short name (`smollm2-135m`), Hugging Face repo id in the local cache, or a directory.
+/// `[target]`, and the `--target` / `--dtype` flags of every stage that loads the target.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Args)]
+#[serde(deny_unknown_fields, default)]
+pub struct TargetSpec {
+    /// Target: a model directory, a short name (smollm2-135m, ...) or a repo id in the local
+    /// Hugging Face cache.
+    #[arg(long = "target", id = "name", default_value = "smollm2-135m")]
     pub name: String,
-    /// Compute dtype of the target forward: `auto` (bf16 on a GPU, f32 on the CPU), `f32`,
-    /// `bf16` or `f16`.
-    #[serde(default = "defaults::dtype")]
-    pub dtype: String,
+    /// Compute dtype of the target forward: auto (bf16 on a GPU, f32 on the CPU), f32, bf16, f16.
+    #[arg(long, value_enum, default_value_t = Dtype::Auto)]
+    pub dtype: Dtype,
     /// A multimodal target (images in the data); only text targets are implemented so far.
-    #[serde(default)]
+    #[arg(long)]
     pub multimodal: bool,
 }
 
-/// `[data]`
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct DataSection {
-    /// Conversations or prompts (JSONL, OpenAI messages or ShareGPT), relative to the recipe.
-    #[serde(default)]
+/// `[data]`, and the dataset flags of regenerate, vocab and extract.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Args)]
+#[serde(deny_unknown_fields, default)]
+pub struct DataConfig {
+    /// Conversations or prompts (JSONL, OpenAI messages or ShareGPT), relative to the recipe
+    /// (the commands take `--data`).
+    #[arg(skip)]
     pub path: Option<PathBuf>,
     /// Held-out prompts for the acceptance evaluation (`run`), relative to the recipe.
-    #[serde(default)]
+    #[arg(skip)]
     pub eval_path: Option<PathBuf>,
     /// `run`: the target writes the assistant turns itself (on-policy data) before training.
-    #[serde(default = "defaults::yes")]
+    #[arg(skip = true)]
     pub regenerate: bool,
-    /// Regeneration: new tokens per answer at most.
-    #[serde(default = "defaults::regen_max_new_tokens")]
-    pub max_new_tokens: usize,
-    /// Regeneration: 0 = greedy.
-    #[serde(default)]
-    pub temperature: f64,
-    /// Regeneration: conversations per batch.
-    #[serde(default = "defaults::regen_batch_size")]
-    pub batch_size: usize,
-    /// Use at most this many conversations.
-    #[serde(default)]
-    pub limit: Option<usize>,
     /// Extracted feature chunks to train on (`train`; `run` extracts its own).
-    #[serde(default)]
+    #[arg(skip)]
     pub features: Vec<PathBuf>,
-    /// Tokens per sample at most (longer samples are truncated).
-    #[serde(default = "defaults::max_len")]
-    pub max_len: i64,
-    /// Stop when more than this fraction of the dataset's lines are bad.
-    #[serde(default = "defaults::max_bad_fraction")]
+    /// Longest sample in tokens (see `truncation`).
+    #[arg(long, default_value_t = 2048)]
+    pub max_len: usize,
+    /// Over-long samples: `truncate` keeps the first `max_len` tokens if an assistant token
+    /// survives (else the line is reported as over_long); `drop` reports every over-long sample.
+    #[arg(long, value_enum, default_value_t = Truncation::Truncate)]
+    pub truncation: Truncation,
+    /// Stop when more than this fraction of lines is bad (every bad line is reported either way).
+    #[arg(long, default_value_t = 0.05)]
     pub max_bad_fraction: f64,
-    /// `run`: samples per extracted chunk (chunked-rolling epochs); 0 = one chunk.
-    #[serde(default)]
+    /// Use only the first N usable samples.
+    #[arg(long)]
+    pub limit: Option<usize>,
+    /// Samples per feature chunk (chunked-rolling epochs in `run`; `extract --chunk C` writes
+    /// chunk C); 0 = the whole dataset is one chunk.
+    #[arg(long, default_value_t = 0)]
     pub chunk_samples: usize,
 }
 
-impl Default for DataSection {
-    fn default() -> Self {
-        toml::from_str("").unwrap_or_else(|_| unreachable!("every DataSection field has a default"))
-    }
+/// `[regenerate]`, and the decoding flags of `regenerate` and `generate`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Args)]
+#[serde(deny_unknown_fields, default)]
+pub struct RegenerateConfig {
+    /// New tokens per answer at most.
+    #[arg(long, default_value_t = 512)]
+    pub max_new_tokens: usize,
+    /// Conversations per batch.
+    #[arg(long, default_value_t = 16)]
+    pub batch_size: usize,
+    /// 0 = greedy.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f64,
+    /// Nucleus mass for sampling, in (0, 1].
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f64,
+    /// Sampling seed (batch k uses seed + k, so a resumed run samples the same).
+    #[arg(long, default_value_t = 0)]
+    pub seed: i64,
 }
 
-/// `[extract]`
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct ExtractSection {
+/// `[extract]`, and the flags of `extract`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Args)]
+#[serde(deny_unknown_fields, default)]
+pub struct ExtractConfig {
     /// Padded tokens per forward batch.
-    #[serde(default = "defaults::batch_tokens")]
+    #[arg(long, default_value_t = 8192)]
     pub batch_tokens: usize,
     /// Samples per forward batch.
-    #[serde(default = "defaults::extract_batch")]
+    #[arg(long, default_value_t = 32)]
     pub max_batch_size: usize,
     /// Feature dtype on disk: bf16, f16 or f32.
-    #[serde(default = "defaults::store_dtype")]
-    pub store_dtype: String,
-    /// Shard size limit in MiB.
-    #[serde(default = "defaults::shard_mb")]
-    pub shard_mb: u64,
-    /// Disk budget for features in GB: a chunk that would exceed it is refused before writing.
-    #[serde(default)]
-    pub max_disk_gb: Option<f64>,
+    #[arg(long, value_enum, default_value_t = StoreDtype::Bf16)]
+    pub store_dtype: StoreDtype,
+    /// Shard size limit (e.g. 1G, 256M).
+    #[arg(long, default_value = "1G")]
+    pub shard_size: ByteSize,
+    /// Disk budget of one chunk (e.g. 500G): a chunk estimated larger is refused before writing.
+    #[arg(long)]
+    pub max_disk: Option<ByteSize>,
 }
 
-impl Default for ExtractSection {
-    fn default() -> Self {
-        toml::from_str("").unwrap_or_else(|_| unreachable!("every ExtractSection field has a default"))
-    }
-}
-
-/// `[eval]`
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct EvalSection {
+/// `[eval]`, and the flags of `eval`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Args)]
+#[serde(deny_unknown_fields, default)]
+pub struct EvalConfig {
     /// Draft tokens per speculative step.
-    #[serde(default = "defaults::eval_k")]
+    #[arg(long, default_value_t = DEFAULT_K)]
     pub k: usize,
-    /// New tokens per held-out prompt.
-    #[serde(default = "defaults::eval_new_tokens")]
+    /// New tokens per prompt.
+    #[arg(long, default_value_t = 128)]
     pub max_new_tokens: usize,
-    /// Held-out prompts used at most.
-    #[serde(default)]
+    /// Prompts used at most.
+    #[arg(long)]
     pub limit: Option<usize>,
 }
 
-impl Default for EvalSection {
-    fn default() -> Self {
-        toml::from_str("").unwrap_or_else(|_| unreachable!("every EvalSection field has a default"))
-    }
-}
-
-/// `[export]`
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct ExportSection {
-    /// `vllm` (flat; SGLang loads the same) or `speculators`.
-    #[serde(default = "defaults::export_format")]
-    pub format: String,
+/// `[export]`, and the flags of `export`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Args)]
+#[serde(deny_unknown_fields, default)]
+pub struct ExportConfig {
+    /// `vllm` (flat config; SGLang loads the same files) or `speculators`.
+    #[arg(long, value_enum, default_value_t = ExportFormat::Vllm)]
+    pub format: ExportFormat,
+    /// The target's Hugging Face id, recorded as the verifier in the speculators format.
+    #[arg(long)]
+    pub verifier: Option<String>,
     /// Hugging Face repo the head is meant for (`push`), recorded in the model card.
-    #[serde(default)]
+    #[arg(long)]
     pub repo: Option<String>,
 }
 
-impl Default for ExportSection {
-    fn default() -> Self {
-        toml::from_str("").unwrap_or_else(|_| unreachable!("every ExportSection field has a default"))
-    }
-}
-
-/// `[draft]`
+/// `[draft]`: the head's architecture (read by `train` and `run`; `extract --aux-layer-ids` and
+/// `vocab --draft-vocab-size` are the same values).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct DraftSection {
+#[serde(deny_unknown_fields, default)]
+pub struct DraftConfig {
     /// `eagle3` or `eagle3.1` (fc_norm + norm_output).
-    #[serde(default = "defaults::variant")]
-    pub variant: String,
-    /// Aux ids in our convention (id k = residual stream entering target layer k).
+    pub variant: DraftVariant,
+    /// Aux ids in our convention (id k = residual stream entering target layer k); empty = the
+    /// target's default `[2, L/2, L-3]`.
     pub aux_layer_ids: Vec<i64>,
     /// Draft vocabulary size.
-    pub draft_vocab_size: i64,
+    pub draft_vocab_size: usize,
     /// MLP width; the target's when absent.
-    #[serde(default)]
     pub intermediate_size: Option<i64>,
     /// Start lm_head from the target's rows of the draft vocabulary.
-    #[serde(default = "defaults::yes")]
     pub init_lm_head_from_target: bool,
     /// The draft vocabulary (`d2t` / `t2d` safetensors written by `vocab`); absent means the
     /// full target vocabulary (then `draft_vocab_size` must equal it).
-    #[serde(default)]
     pub vocab: Option<PathBuf>,
+}
+
+impl Default for DraftConfig {
+    fn default() -> Self {
+        DraftConfig {
+            variant: DraftVariant::Eagle3,
+            aux_layer_ids: Vec::new(),
+            draft_vocab_size: DEFAULT_DRAFT_VOCAB_SIZE,
+            intermediate_size: None,
+            init_lm_head_from_target: true,
+            vocab: None,
+        }
+    }
+}
+
+impl DraftConfig {
+    /// The aux ids for a target of `num_layers` decoder layers (the default ones when empty).
+    pub fn aux_ids(&self, num_layers: i64) -> Vec<i64> {
+        resolve_aux_ids(&self.aux_layer_ids, num_layers)
+    }
+}
+
+/// `ids`, or `[2, L/2, L-3]` (vLLM's and speculators' default, in our capture-before convention)
+/// when empty.
+pub fn resolve_aux_ids(ids: &[i64], num_layers: i64) -> Vec<i64> {
+    if !ids.is_empty() {
+        return ids.to_vec();
+    }
+    let mut v = vec![2.min(num_layers), num_layers / 2, (num_layers - 3).max(0)];
+    v.dedup();
+    v
+}
+
+impl RegenerateConfig {
+    /// Checks the values a command line or a recipe can get wrong: (field, problem).
+    pub fn validate(&self) -> std::result::Result<(), (&'static str, String)> {
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return Err(("top_p", format!("must be in (0, 1], got {}", self.top_p)));
+        }
+        if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
+            return Err(("temperature", format!("must be a finite number >= 0, got {}", self.temperature)));
+        }
+        if self.batch_size == 0 {
+            return Err(("batch_size", "must be at least 1, got 0".into()));
+        }
+        Ok(())
+    }
+}
+
+impl EvalConfig {
+    /// Checks the values a command line or a recipe can get wrong: (field, problem).
+    pub fn validate(&self) -> std::result::Result<(), (&'static str, String)> {
+        if self.k == 0 {
+            return Err(("k", "must be at least 1, got 0".into()));
+        }
+        Ok(())
+    }
 }
 
 /// `[train]`
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
-pub struct TrainSection {
+pub struct TrainConfig {
     /// TTT unroll length.
     #[serde(default = "defaults::ttt_steps")]
     pub ttt_steps: usize,
@@ -251,55 +347,16 @@ pub struct TrainSection {
     pub collective_timeout_s: u64,
 }
 
-impl Default for TrainSection {
+impl Default for TrainConfig {
     fn default() -> Self {
         // Deserialising an empty table applies every field default in one place.
-        toml::from_str("").unwrap_or_else(|_| unreachable!("every TrainSection field has a default"))
+        toml::from_str("").unwrap_or_else(|_| unreachable!("every TrainConfig field has a default"))
     }
 }
 
 mod defaults {
-    pub fn dtype() -> String {
-        "auto".into()
-    }
-    pub fn regen_max_new_tokens() -> usize {
-        512
-    }
-    pub fn regen_batch_size() -> usize {
-        16
-    }
-    pub fn max_bad_fraction() -> f64 {
-        0.05
-    }
-    pub fn batch_tokens() -> usize {
-        8192
-    }
-    pub fn extract_batch() -> usize {
-        32
-    }
-    pub fn store_dtype() -> String {
-        "bf16".into()
-    }
-    pub fn shard_mb() -> u64 {
-        1024
-    }
-    pub fn eval_k() -> usize {
-        5
-    }
-    pub fn eval_new_tokens() -> usize {
-        128
-    }
-    pub fn export_format() -> String {
-        "vllm".into()
-    }
-    pub fn variant() -> String {
-        "eagle3".into()
-    }
     pub fn yes() -> bool {
         true
-    }
-    pub fn max_len() -> i64 {
-        2048
     }
     pub fn ttt_steps() -> usize {
         7
@@ -407,9 +464,6 @@ impl Recipe {
 
     fn validate(&self, path: &Path) -> Result<()> {
         let bad = |field: &str, problem: String| Err(Error::config(path, field, problem));
-        if !matches!(self.draft.variant.as_str(), "eagle3" | "eagle3.1") {
-            return bad("draft.variant", format!("must be `eagle3` or `eagle3.1`, got `{}`", self.draft.variant));
-        }
         if self.train.ttt_steps == 0 {
             return bad("train.ttt_steps", "must be at least 1, got 0".into());
         }
@@ -419,15 +473,11 @@ impl Recipe {
         if !(0.0..1.0).contains(&self.train.warmup_ratio) {
             return bad("train.warmup_ratio", format!("must be in [0, 1), got {}", self.train.warmup_ratio));
         }
-        if self.draft.aux_layer_ids.is_empty() {
-            return bad("draft.aux_layer_ids", "must not be empty".into());
+        if self.draft.draft_vocab_size == 0 {
+            return bad("draft.draft_vocab_size", "must be at least 1, got 0".into());
         }
-        if !matches!(self.export.format.as_str(), "vllm" | "sglang" | "speculators") {
-            return bad("export.format", format!("must be `vllm`, `sglang` or `speculators`, got `{}`", self.export.format));
-        }
-        if self.eval.k == 0 {
-            return bad("eval.k", "must be at least 1, got 0".into());
-        }
+        self.regenerate.validate().or_else(|(f, m)| bad(&format!("regenerate.{f}"), m))?;
+        self.eval.validate().or_else(|(f, m)| bad(&format!("eval.{f}"), m))?;
         Ok(())
     }
 
@@ -449,7 +499,7 @@ mod tests {
         assert_eq!(r.train.ttt_steps, 7);
         assert_eq!(r.train.step_decay, 0.8);
         assert_eq!(r.train.lr, 3e-4);
-        assert_eq!(r.draft.variant, "eagle3.1");
+        assert_eq!(r.draft.variant, DraftVariant::Eagle31);
         let again = Recipe::parse(&r.to_toml(), Path::new("r.toml"), &[]).unwrap();
         assert_eq!(again, r);
     }

@@ -664,7 +664,8 @@ pub fn read_jsonl(path: &Path, opts: &ReadOptions) -> Result<(Vec<Conversation>,
 }
 
 /// What to do with samples longer than `--max-len`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Truncation {
     /// Keep the first `max_len` tokens if a supervised token survives; else report `over_long`.
     #[default]

@@ -119,10 +119,10 @@ impl Collective for DdpGroup {
     }
 }
 
-/// The trainer's collective for this process: a single process unless `WORLD_SIZE` > 1 (set by
+/// The trainer's collective for a process at `env`: a single process unless the world size is > 1 (set by
 /// `specforge-rs launch`, torchrun or SLURM), then a joined [`ProcessGroup`].
-pub fn collective_from_env(bucket_mb: f64, timeout: Duration) -> Result<Box<dyn Collective>> {
-    let env = super::DistEnv::from_env()?;
+pub fn collective_for(env: &super::DistEnv, bucket_mb: f64, timeout: Duration) -> Result<Box<dyn Collective>> {
+    let env = env.clone();
     if env.world_size <= 1 {
         return Ok(Box::new(SingleProcess));
     }

@@ -18,7 +18,7 @@ mod process_group;
 
 use std::time::Duration;
 
-pub use ddp::{collective_from_env, Collective, DdpGroup, SingleProcess};
+pub use ddp::{collective_for, Collective, DdpGroup, SingleProcess};
 pub use env::{first_host, DistEnv, EnvSource, StoreMode, DEFAULT_PORT};
 pub use process_group::{Backend, BackendChoice, GroupOptions, ProcessGroup, ReduceOp, Work};
 

@@ -210,9 +210,7 @@ impl Eagle3Draft {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
         let cfg_path = dir.join("config.json");
         let text = serde_json::to_string_pretty(&self.cfg.to_export_json()).map_err(|e| Error::Input(e.to_string()))?;
-        let tmp = crate::weights::tmp_path(&cfg_path);
-        std::fs::write(&tmp, text).map_err(|e| Error::io(&tmp, e))?;
-        std::fs::rename(&tmp, &cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
+        crate::util::fs::write_atomic(&cfg_path, text.as_bytes())?;
         save_safetensors(&dir.join("model.safetensors"), &self.export_tensors(kind), None)
     }
 

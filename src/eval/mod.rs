@@ -13,6 +13,10 @@
 //! previous step's hidden (post-norm for EAGLE-3.1's `norm_output`) and the embedding of the token
 //! just drafted, and attends to the context plus the earlier draft steps.
 
+pub mod stage;
+
+pub use stage::{evaluate, EvalJob, EvalResult};
+
 use tch::{Device, Kind, Tensor};
 
 use crate::draft::Eagle3Draft;

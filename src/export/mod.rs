@@ -6,8 +6,6 @@
 //! Servers skip unknown tensor names silently and fill missing ones with random weights, so the
 //! whole export is validated (names, shapes, dtypes, flags) before anything is written.
 
-pub mod card;
-
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -18,25 +16,8 @@ use crate::draft::{Eagle3Config, Eagle3Draft};
 use crate::error::{Error, Result};
 use crate::weights::{save_safetensors, SafetensorsFile};
 
-/// Which config flavour to write.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Format {
-    /// Flat Llama-style config both vLLM and SGLang read.
-    Vllm,
-    /// vLLM's speculators format (`speculators_model_type: eagle3`), plus the flat keys.
-    Speculators,
-}
-
-impl std::str::FromStr for Format {
-    type Err = String;
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
-        match s {
-            "vllm" | "sglang" | "flat" => Ok(Format::Vllm),
-            "speculators" => Ok(Format::Speculators),
-            other => Err(format!("unknown export format `{other}` (vllm, sglang, speculators)")),
-        }
-    }
-}
+/// Which config flavour to write (the recipe's `export.format`).
+pub use crate::config::ExportFormat as Format;
 
 /// The tensors a head with `cfg` must have: name → (shape, dtype).
 pub fn expected_tensors(cfg: &Eagle3Config) -> BTreeMap<String, (Vec<i64>, Kind)> {
@@ -170,9 +151,7 @@ pub fn export(draft: &Eagle3Draft, out: &Path, format: Format, verifier: Option<
     save_safetensors(&out.join("model.safetensors"), &tensors, Some(meta))?;
     let cfg_path = out.join("config.json");
     let text = serde_json::to_string_pretty(&config).map_err(|e| Error::Input(e.to_string()))?;
-    let tmp = crate::weights::tmp_path(&cfg_path);
-    std::fs::write(&tmp, text).map_err(|e| Error::io(&tmp, e))?;
-    std::fs::rename(&tmp, &cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
+    crate::util::fs::write_atomic(&cfg_path, text.as_bytes())?;
     Ok(out.to_path_buf())
 }
 

@@ -73,10 +73,16 @@ pub struct RunInfo {
     pub world_size: usize,
     /// Shard size limit in bytes.
     pub shard_bytes: u64,
-    /// Usable samples in the dataset (all ranks).
+    /// Usable samples in the chunk (all ranks).
     pub planned_samples: usize,
     /// Their tokens (all ranks).
     pub planned_tokens: u64,
+    /// Which chunk of the dataset this is (`--chunk`).
+    #[serde(default)]
+    pub chunk: usize,
+    /// Samples per chunk (`--chunk-samples`; 0 = the whole dataset is one chunk).
+    #[serde(default)]
+    pub chunk_samples: usize,
 }
 
 /// `manifest.json` (and, with `rank` set, a rank's own manifest).
@@ -157,6 +163,10 @@ impl Manifest {
             ("run.compute_dtype", self.run.compute_dtype.clone()),
             ("run.world_size", self.run.world_size.to_string()),
             ("run.shard_bytes", self.run.shard_bytes.to_string()),
+            ("run.chunk", self.run.chunk.to_string()),
+            ("run.chunk_samples", self.run.chunk_samples.to_string()),
+            ("run.planned_samples", self.run.planned_samples.to_string()),
+            ("run.planned_tokens", self.run.planned_tokens.to_string()),
         ]
     }
 

@@ -9,7 +9,7 @@
 //! rank manifest lists, and computes the rest exactly as an uninterrupted run would have.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Instant;
 
 use safetensors::tensor::{Dtype, TensorView};
@@ -37,28 +37,6 @@ pub struct ExtractOptions {
     pub rank: usize,
     /// Writer processes.
     pub world_size: usize,
-}
-
-/// `(RANK, WORLD_SIZE)` from the environment as torchrun sets them; `(0, 1)` when unset.
-///
-/// # Errors
-/// A value that is not a number, or `RANK >= WORLD_SIZE`, naming the variable and the value.
-pub fn rank_from_env() -> Result<(usize, usize)> {
-    let get = |name: &str, default: usize| -> Result<usize> {
-        match std::env::var(name) {
-            Ok(v) => v
-                .trim()
-                .parse()
-                .map_err(|_| Error::config(PathBuf::from("environment"), name, format!("is `{v}`, expected a non-negative integer"))),
-            Err(_) => Ok(default),
-        }
-    };
-    let rank = get("RANK", 0)?;
-    let world = get("WORLD_SIZE", 1)?;
-    if world == 0 || rank >= world {
-        return Err(Error::config(PathBuf::from("environment"), "RANK", format!("is {rank} but WORLD_SIZE is {world}")));
-    }
-    Ok((rank, world))
 }
 
 /// The name of a dtype as manifests write it.
@@ -260,7 +238,7 @@ pub fn resume_state(plan: &ExtractPlan, out: &Path) -> Result<Manifest> {
 }
 
 /// Throughput of a run.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct ExtractStats {
     /// Tokens forwarded in this run (resumed shards excluded).
     pub tokens: u64,

@@ -7,10 +7,115 @@
 
 pub mod regenerate;
 
+use std::path::PathBuf;
+use std::time::Instant;
+
+use serde_json::{json, Value};
 use tch::{Device, Kind, Tensor};
 
+use crate::config::recipe::DEFAULT_K;
+use crate::config::{RegenerateConfig, TargetSpec};
 use crate::error::{Error, Result};
+use crate::eval::{SpecDecoder, SpecStats, Verify};
+use crate::runtime::{LoadedTarget, Runtime};
 use crate::target::{Cache, ForwardInput, TargetModel};
+
+/// `specforge-rs generate`: the stage's whole input.
+#[derive(clap::Args, Debug, Clone)]
+pub struct GenerateJob {
+    /// The target.
+    #[command(flatten)]
+    pub target: TargetSpec,
+    /// A user prompt (repeatable).
+    #[arg(long)]
+    pub prompt: Vec<String>,
+    /// JSONL of conversations: the last assistant turn of a line, if any, is dropped.
+    #[arg(long)]
+    pub prompts: Option<PathBuf>,
+    /// Use at most this many prompts.
+    #[arg(long)]
+    pub limit: Option<usize>,
+    /// Decoding (max new tokens, batch size, temperature, top-p, seed).
+    #[command(flatten)]
+    pub decode: RegenerateConfig,
+    /// Speculative decoding with this draft head (greedy, chain of --k drafts): the answers are
+    /// exactly the target's greedy ones, produced with fewer target steps.
+    #[arg(long)]
+    pub draft: Option<PathBuf>,
+    /// Drafts per step with --draft.
+    #[arg(long, default_value_t = DEFAULT_K)]
+    pub k: usize,
+}
+
+/// What `generate` answered.
+#[derive(Debug, Clone)]
+pub struct GenerateResult {
+    /// (last user message, decoded answer) per prompt, in order.
+    pub answers: Vec<(String, String)>,
+    /// New tokens over all answers.
+    pub new_tokens: usize,
+    /// Wall seconds of the decoding.
+    pub secs: f64,
+    /// With a draft: the speculative-decoding counters.
+    pub spec: Option<SpecStats>,
+}
+
+/// Runs `generate`.
+pub fn run(job: &GenerateJob, rt: &Runtime) -> Result<GenerateResult> {
+    job.decode.validate().map_err(|(f, m)| Error::config("generate", f, m))?;
+    let target = LoadedTarget::open(&job.target, rt)?;
+    let mut convs: Vec<Value> = job.prompt.iter().map(|p| json!([{"role": "user", "content": p}])).collect();
+    if let Some(p) = &job.prompts {
+        let (lines, _report) = crate::data::dataset::read_jsonl(p, &Default::default())?;
+        for c in lines {
+            let mut msgs: Vec<Value> = c.messages.iter().map(|m| m.to_template_json()).collect();
+            if msgs.last().and_then(|m| m.get("role")).and_then(Value::as_str) == Some("assistant") {
+                msgs.pop();
+            }
+            convs.push(Value::Array(msgs));
+        }
+    }
+    if let Some(n) = job.limit {
+        convs.truncate(n);
+    }
+    if convs.is_empty() {
+        return Err(Error::Input("nothing to answer: give --prompt or --prompts".into()));
+    }
+    let tok = &target.tok;
+    let prompts = convs.iter().map(|c| tok.apply_chat_template(c, true).and_then(|s| tok.encode(&s, false))).collect::<Result<Vec<_>>>()?;
+    let question = |c: &Value| c.as_array().and_then(|m| m.last()).and_then(|m| m.get("content")).and_then(Value::as_str).unwrap_or("").trim().to_string();
+    let d = &job.decode;
+    let opts = GenerateOptions { max_new_tokens: d.max_new_tokens, stop_ids: target.stop_ids(), temperature: d.temperature, top_p: d.top_p };
+    let model = target.model()?;
+    tch::manual_seed(d.seed);
+    let start = Instant::now();
+    let mut answers = Vec::new();
+    let mut new_tokens = 0;
+    let mut spec = None;
+    if let Some(path) = &job.draft {
+        if d.temperature > 0.0 {
+            return Err(Error::config("generate", "temperature", "--draft decodes greedily; drop --temperature"));
+        }
+        let draft = crate::draft::Eagle3Draft::load(&crate::train::checkpoint::head_dir(path)?, rt.device)?;
+        let dec = SpecDecoder::new(model, &draft, job.k, opts.stop_ids.clone(), rt.device)?;
+        let mut total = SpecStats::default();
+        for (c, p) in convs.iter().zip(&prompts) {
+            let (ans, stats) = dec.run(p, d.max_new_tokens, Verify::Target)?;
+            new_tokens += ans.len();
+            total.add(&stats);
+            answers.push((question(c), tok.decode(&ans, true)?.trim().to_string()));
+        }
+        spec = Some(total);
+    } else {
+        for (cs, ps) in convs.chunks(d.batch_size.max(1)).zip(prompts.chunks(d.batch_size.max(1))) {
+            for (c, ans) in cs.iter().zip(generate(model, ps, &opts, rt.device)?) {
+                new_tokens += ans.len();
+                answers.push((question(c), tok.decode(&ans, true)?.trim().to_string()));
+            }
+        }
+    }
+    Ok(GenerateResult { answers, new_tokens, secs: start.elapsed().as_secs_f64(), spec })
+}
 
 /// How to decode.
 #[derive(Debug, Clone)]

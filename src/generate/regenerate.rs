@@ -19,17 +19,76 @@
 
 use std::collections::{HashMap, HashSet};
 use std::io::{BufRead, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use serde_json::{json, Value as Json};
 use tch::Device;
 
 use super::{generate, GenerateOptions};
+use crate::config::{DataConfig, RegenerateConfig, TargetSpec};
+use crate::runtime::{side_file, LoadedTarget, Runtime};
 use crate::data::dataset::{BadKind, Conversation, Message, Role};
 use crate::data::{RenderOptions, Report, Tokenizer};
 use crate::error::{Error, Result};
 use crate::target::TargetModel;
+
+/// `specforge-rs regenerate`: the stage's whole input.
+#[derive(clap::Args, Debug, Clone)]
+pub struct RegenerateJob {
+    /// The target.
+    #[command(flatten)]
+    pub target: TargetSpec,
+    /// Conversations (JSONL); their assistant turns, if any, are replaced.
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Output JSONL (appended to; a rerun skips the ids already there).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Where the bad-line report goes (JSONL); default `<out>.bad-lines.jsonl`.
+    #[arg(long)]
+    pub report: Option<PathBuf>,
+    /// How the dataset is read.
+    #[command(flatten)]
+    pub dataset: DataConfig,
+    /// Decoding.
+    #[command(flatten)]
+    pub decode: RegenerateConfig,
+}
+
+/// Runs `regenerate` with its own target.
+pub fn run(job: &RegenerateJob, rt: &Runtime) -> Result<RegenerateStats> {
+    run_on(&LoadedTarget::open(&job.target, rt)?, job, rt)
+}
+
+/// Runs `regenerate` on an opened target (the model loads only once the data is known good).
+pub fn run_on(target: &LoadedTarget, job: &RegenerateJob, rt: &Runtime) -> Result<RegenerateStats> {
+    job.decode.validate().map_err(|(f, m)| Error::config("regenerate", f, m))?;
+    let (mut convs, mut report) = crate::data::dataset::read_jsonl(&job.data, &Default::default())?;
+    if let Some(n) = job.dataset.limit {
+        convs.truncate(n);
+    }
+    let report_path = job.report.clone().unwrap_or_else(|| side_file(&job.out, ".bad-lines.jsonl"));
+    let d = &job.decode;
+    let opts = RegenerateOptions {
+        gen: GenerateOptions { max_new_tokens: d.max_new_tokens, stop_ids: target.stop_ids(), temperature: d.temperature, top_p: d.top_p },
+        batch_size: d.batch_size,
+        seed: d.seed,
+        max_len: job.dataset.max_len,
+        multimodal: target.spec.multimodal,
+        target_name: target.spec.name.clone(),
+        config_hash: target.cfg.config_hash.clone(),
+    };
+    // Bad lines (parse errors and prompts that cannot be answered) are all known before the
+    // weights load, so the threshold stops a bad run before it costs anything.
+    let todo = select(&target.tok, &convs, &opts, &mut report);
+    report.check(job.dataset.max_bad_fraction, &report_path, rt.prints)?;
+    let stats = regenerate(target.model()?, &target.tok, &todo, &job.out, &opts, rt.device)?;
+    if stats.written + stats.resumed == 0 {
+        return Err(Error::Input(format!("{}: nothing was regenerated (see {})", job.data.display(), report_path.display())));
+    }
+    Ok(stats)
+}
 
 /// How to regenerate.
 #[derive(Debug, Clone)]

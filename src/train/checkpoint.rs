@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use tch::Tensor;
 
 use crate::error::{read_json, Error, Result};
+use crate::util::fs::write_atomic;
 use crate::weights::{save_safetensors, SafetensorsFile};
 
 /// Where training stands; everything needed to continue exactly.
@@ -62,17 +63,15 @@ pub fn save(
     std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
     draft.save(&tmp, tch::Kind::Float)?;
     save_safetensors(&tmp.join("optimizer.safetensors"), optimizer, None)?;
-    let write = |p: PathBuf, text: String| std::fs::write(&p, text).map_err(|e| Error::io(&p, e));
-    write(tmp.join("state.json"), serde_json::to_string_pretty(state).map_err(|e| Error::Input(e.to_string()))?)?;
-    write(tmp.join("recipe.toml"), recipe_toml.to_string())?;
+    let state_json = serde_json::to_string_pretty(state).map_err(|e| Error::Input(e.to_string()))?;
+    write_atomic(&tmp.join("state.json"), state_json.as_bytes())?;
+    write_atomic(&tmp.join("recipe.toml"), recipe_toml.as_bytes())?;
     if final_dir.exists() {
         std::fs::remove_dir_all(&final_dir).map_err(|e| Error::io(&final_dir, e))?;
     }
     std::fs::rename(&tmp, &final_dir).map_err(|e| Error::io(&final_dir, e))?;
-    let latest = root.join("latest");
-    let latest_tmp = crate::weights::tmp_path(&latest);
-    write(latest_tmp.clone(), name)?;
-    std::fs::rename(&latest_tmp, &latest).map_err(|e| Error::io(&latest, e))?;
+    crate::util::fs::sync_parent(&final_dir);
+    write_atomic(&root.join("latest"), name.as_bytes())?;
     prune(&root, keep_last.max(1))?;
     Ok(final_dir)
 }
@@ -102,6 +101,18 @@ pub fn latest(run_dir: &Path) -> Result<Option<Checkpoint>> {
     let dir = root.join(name.trim());
     let state: TrainState = read_json(&dir.join("state.json"))?;
     Ok(Some(Checkpoint { dir, state }))
+}
+
+/// The head directory a path names: a head itself (`model.safetensors` inside), or a run
+/// directory whose latest checkpoint is used.
+pub fn head_dir(p: &Path) -> Result<PathBuf> {
+    if p.join("model.safetensors").is_file() {
+        return Ok(p.to_path_buf());
+    }
+    match latest(p)? {
+        Some(ck) => Ok(ck.dir),
+        None => Err(Error::Input(format!("{}: neither a head (model.safetensors) nor a run directory with checkpoints", p.display()))),
+    }
 }
 
 /// Reads the optimizer tensors of a checkpoint.

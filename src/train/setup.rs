@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use tch::{Device, Kind, Tensor};
 
-use crate::config::recipe::Recipe;
+use crate::config::{DraftVariant, Recipe};
 use crate::draft::{Eagle3Config, Eagle3Draft};
 use crate::error::{Error, Result};
 use crate::extract::reader::Chunk;
@@ -62,7 +62,8 @@ pub fn build_draft(recipe: &Recipe, head: &TargetHead, init: Option<&Path>, devi
         return Eagle3Draft::load(dir, device);
     }
     let d = &recipe.draft;
-    let mut cfg = Eagle3Config::for_target(&head.cfg, d.aux_layer_ids.clone(), d.draft_vocab_size, d.variant == "eagle3.1");
+    let aux = d.aux_ids(head.cfg.num_hidden_layers);
+    let mut cfg = Eagle3Config::for_target(&head.cfg, aux, d.draft_vocab_size as i64, d.variant == DraftVariant::Eagle31);
     if let Some(i) = d.intermediate_size {
         cfg.intermediate_size = i;
     }

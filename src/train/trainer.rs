@@ -13,7 +13,7 @@ use tch::{Device, Tensor};
 use super::checkpoint::{self, TrainState};
 use super::optim::{clip_grad_norm, lr_at, AdamW, AdamWConfig};
 use super::ttt::{ttt_forward, StepCounts, TttBatch};
-use crate::config::recipe::TrainSection;
+use crate::config::recipe::TrainConfig;
 use crate::dist::Collective;
 use crate::draft::Eagle3Draft;
 use crate::error::{Error, Result};
@@ -95,7 +95,7 @@ pub struct Trainer<'a> {
     /// The head being trained.
     pub draft: Eagle3Draft,
     head: &'a TargetHead,
-    cfg: TrainSection,
+    cfg: TrainConfig,
     recipe_toml: String,
     run_dir: PathBuf,
     opt: AdamW,
@@ -119,7 +119,7 @@ impl<'a> Trainer<'a> {
     pub fn new(
         draft: Eagle3Draft,
         head: &'a TargetHead,
-        cfg: TrainSection,
+        cfg: TrainConfig,
         recipe_toml: String,
         run_dir: &Path,
         comm: &'a dyn Collective,
@@ -194,7 +194,7 @@ impl<'a> Trainer<'a> {
         if !out.is_empty() {
             out.push('\n');
         }
-        std::fs::write(&p, out).map_err(|e| Error::io(&p, e))
+        crate::util::fs::write_atomic(&p, out.as_bytes())
     }
 
     /// Optimizer steps over all epochs for `data`, capped by `max_steps`.

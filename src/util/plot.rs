@@ -134,16 +134,16 @@ pub fn line_chart(path: &Path, title: &str, x_label: &str, y_label: &str, series
 }
 
 fn write_png(path: &Path, c: &Canvas) -> Result<()> {
-    let tmp = crate::weights::tmp_path(path);
-    let file = std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    let mut enc = png::Encoder::new(std::io::BufWriter::new(file), c.w, c.h);
-    enc.set_color(png::ColorType::Rgb);
-    enc.set_depth(png::BitDepth::Eight);
-    let err = |e: png::EncodingError| Error::io(&tmp, std::io::Error::other(e.to_string()));
-    let mut w = enc.write_header().map_err(err)?;
-    w.write_image_data(&c.rgb).map_err(err)?;
-    w.finish().map_err(err)?;
-    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+    crate::util::fs::write_atomic_with(path, |tmp| {
+        let file = std::fs::File::create(tmp).map_err(|e| Error::io(tmp, e))?;
+        let mut enc = png::Encoder::new(std::io::BufWriter::new(file), c.w, c.h);
+        enc.set_color(png::ColorType::Rgb);
+        enc.set_depth(png::BitDepth::Eight);
+        let err = |e: png::EncodingError| Error::io(tmp, std::io::Error::other(e.to_string()));
+        let mut w = enc.write_header().map_err(err)?;
+        w.write_image_data(&c.rgb).map_err(err)?;
+        w.finish().map_err(err)
+    })
 }
 
 #[cfg(test)]

@@ -12,13 +12,104 @@
 //! target id order.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde_json::json;
 use tch::{Device, Kind, Tensor};
 
+use crate::config::recipe::DEFAULT_DRAFT_VOCAB_SIZE;
+use crate::config::{DataConfig, TargetSpec};
 use crate::data::{dataset, Sample, Tokenizer};
 use crate::error::{Error, Result};
+use crate::extract::Chunk;
+use crate::runtime::{side_file, LoadedTarget, Runtime};
+
+/// `specforge-rs vocab`: the stage's whole input.
+#[derive(clap::Args, Debug, Clone)]
+pub struct VocabJob {
+    /// The target (its tokenizer and config; no weights are loaded).
+    #[command(flatten)]
+    pub target: TargetSpec,
+    /// Count tokens of this dataset (JSONL conversations with assistant turns).
+    #[arg(long, conflicts_with = "shards")]
+    pub data: Option<PathBuf>,
+    /// Or count tokens of extracted chunks (repeatable).
+    #[arg(long)]
+    pub shards: Vec<PathBuf>,
+    /// Draft vocabulary size Vd (the recipe's `draft.draft_vocab_size`).
+    #[arg(long, visible_alias = "draft-vocab", default_value_t = DEFAULT_DRAFT_VOCAB_SIZE)]
+    pub draft_vocab_size: usize,
+    /// Output safetensors file with `d2t` [Vd] int64 and `t2d` [V] bool; the coverage report is
+    /// written beside it as JSON (`X.json` for `X.safetensors`).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Where the bad-line report goes (JSONL); default `<out>.bad-lines.jsonl`.
+    #[arg(long)]
+    pub report: Option<PathBuf>,
+    /// How the dataset is read.
+    #[command(flatten)]
+    pub dataset: DataConfig,
+}
+
+/// What `vocab` wrote.
+#[derive(Debug, Clone)]
+pub struct VocabResult {
+    /// The vocabulary.
+    pub vocab: DraftVocab,
+    /// The coverage report (JSON) beside the output.
+    pub report: PathBuf,
+}
+
+/// The coverage report's path: `X.json` beside `X.safetensors`, never the output itself.
+pub fn report_path(out: &Path) -> PathBuf {
+    let p = out.with_extension("json");
+    if p == out {
+        side_file(out, ".report.json")
+    } else {
+        p
+    }
+}
+
+/// Runs `vocab` with its own target.
+pub fn run(job: &VocabJob, rt: &Runtime) -> Result<VocabResult> {
+    run_on(&LoadedTarget::open(&job.target, rt)?, job, rt)
+}
+
+/// Runs `vocab` on an opened target (only its tokenizer and config are used).
+pub fn run_on(target: &LoadedTarget, job: &VocabJob, rt: &Runtime) -> Result<VocabResult> {
+    let v = target.cfg.vocab_size as usize;
+    let counts = if let Some(data) = &job.data {
+        let report = job.report.clone().unwrap_or_else(|| side_file(&job.out, ".bad-lines.jsonl"));
+        count_samples(&target.samples(data, &job.dataset, &report, rt)?, v)?
+    } else if !job.shards.is_empty() {
+        let mut counts = vec![0u64; v];
+        for dir in &job.shards {
+            let chunk = Chunk::open(dir)?;
+            if chunk.manifest().target.config_hash != target.cfg.config_hash {
+                return Err(Error::Input(format!(
+                    "{}: extracted from target config {} but --target {} has config {}",
+                    dir.display(),
+                    chunk.manifest().target.config_hash,
+                    target.spec.name,
+                    target.cfg.config_hash
+                )));
+            }
+            let pairs = (0..chunk.num_samples()).map(|i| chunk.tokens(i)).collect::<Result<Vec<_>>>()?;
+            let c = count_tokens(pairs, v)?;
+            counts.iter_mut().zip(c).for_each(|(a, b)| *a += b);
+        }
+        counts
+    } else {
+        return Err(Error::Input("give --data (a dataset) or --shards (extracted chunks) to count tokens from".into()));
+    };
+    let forced = forced_tokens(&target.tok, &target.cfg.eos_token_ids);
+    let dv = build(&counts, job.draft_vocab_size, &forced)?;
+    dv.save(&job.out, &target.cfg.config_hash)?;
+    let report = report_path(&job.out);
+    let text = serde_json::to_string_pretty(&dv.report_json(Some(&target.tok))).map_err(|e| Error::Input(e.to_string()))?;
+    crate::util::fs::write_atomic(&report, text.as_bytes())?;
+    Ok(VocabResult { vocab: dv, report })
+}
 
 /// A draft vocabulary and how well it covers the training tokens.
 #[derive(Debug, Clone, PartialEq)]

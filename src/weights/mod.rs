@@ -363,25 +363,9 @@ pub fn save_safetensors(path: &Path, tensors: &[(String, Tensor)], metadata: Opt
                 .map_err(|e| Error::Safetensors { path: path.to_path_buf(), reason: e.to_string() })
         })
         .collect::<Result<Vec<_>>>()?;
-    let tmp = tmp_path(path);
-    safetensors::serialize_to_file(views, metadata, &tmp).map_err(|e| Error::Safetensors { path: tmp.clone(), reason: e.to_string() })?;
-    // The safetensors crate creates the file owner-only (0600); a head or checkpoint is meant to be
-    // read by servers and colleagues like any other file we write. fsync before the rename so a
-    // crash never leaves a renamed but empty file.
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o644)).map_err(|e| Error::io(&tmp, e))?;
-        std::fs::File::open(&tmp).and_then(|f| f.sync_all()).map_err(|e| Error::io(&tmp, e))?;
-    }
-    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))?;
-    crate::util::fs::sync_parent(path);
-    Ok(())
-}
-
-/// `dir/.name.tmp-<pid>` beside `path`, for atomic writes.
-pub fn tmp_path(path: &Path) -> PathBuf {
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    path.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
+    crate::util::fs::write_atomic_with(path, |tmp| {
+        safetensors::serialize_to_file(views, metadata, tmp).map_err(|e| Error::Safetensors { path: tmp.to_path_buf(), reason: e.to_string() })
+    })
 }
 
 #[cfg(test)]

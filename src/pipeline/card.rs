@@ -1,16 +1,34 @@
 //! The model card (`README.md`) written beside an exported head: what it is for, how to serve it
-//! with vLLM and SGLang, the acceptance it measured, and the recipe that produced it.
+//! with vLLM and SGLang, the acceptance it measured, and the recipe that produced it. It is a run
+//! report, so it lives here, above export, train and eval, whose facts it joins.
 
 use std::fmt::Write as _;
 use std::path::Path;
 
-use crate::config::recipe::Recipe;
-use crate::error::{Error, Result};
+use crate::config::{DraftVariant, Recipe};
+use crate::error::Result;
 use crate::eval::SpecStats;
-use crate::pipeline::RunSummary;
 use crate::target::registry::KNOWN_TARGETS;
 use crate::train::trainer::StepMetrics;
+use crate::util::fs::write_atomic;
 use crate::util::plot::{line_chart, Series};
+
+/// What a card reports besides the recipe.
+#[derive(Debug, Clone, Default)]
+pub struct CardFacts {
+    /// The head's aux ids (our numbering).
+    pub aux_layer_ids: Vec<i64>,
+    /// Optimizer steps trained.
+    pub steps: u64,
+    /// The last step's training metrics.
+    pub last: Option<StepMetrics>,
+    /// Held-out acceptance of the trained head, when measured.
+    pub trained: Option<SpecStats>,
+    /// Held-out acceptance of an untrained head with the same initialisation, when measured.
+    pub untrained: Option<SpecStats>,
+    /// Draft tokens per step (the evaluation's, and the serving commands').
+    pub k: usize,
+}
 
 fn rates(s: &SpecStats) -> String {
     s.per_position_rate().iter().map(|r| format!("{r:.3}")).collect::<Vec<_>>().join(" / ")
@@ -18,7 +36,7 @@ fn rates(s: &SpecStats) -> String {
 
 /// Training curves (loss; acc_0 and simulated acceptance length) and the evaluation's
 /// per-position acceptance, as PNG files in `dir`; returns (file, caption) pairs.
-fn plots(dir: &Path, summary: &RunSummary, metrics: &Path) -> Result<Vec<(String, String)>> {
+fn plots(dir: &Path, summary: &CardFacts, metrics: &Path) -> Result<Vec<(String, String)>> {
     let mut out = Vec::new();
     let steps: Vec<StepMetrics> =
         std::fs::read_to_string(metrics).map(|t| t.lines().filter_map(|l| serde_json::from_str(l).ok()).collect()).unwrap_or_default();
@@ -59,9 +77,9 @@ fn plots(dir: &Path, summary: &RunSummary, metrics: &Path) -> Result<Vec<(String
 }
 
 /// Writes `dir/README.md` (and `dir/training_metrics.jsonl`, a copy of the training log).
-pub fn write(dir: &Path, recipe: &Recipe, summary: &RunSummary, metrics: &Path) -> Result<()> {
+pub fn write(dir: &Path, recipe: &Recipe, summary: &CardFacts, metrics: &Path) -> Result<()> {
     let repo = KNOWN_TARGETS.iter().find(|k| k.name == recipe.target.name).map_or(recipe.target.name.as_str(), |k| k.repo);
-    let variant = if recipe.draft.variant == "eagle3.1" { "EAGLE-3.1" } else { "EAGLE-3" };
+    let variant = if recipe.draft.variant == DraftVariant::Eagle31 { "EAGLE-3.1" } else { "EAGLE-3" };
     let mut s = String::new();
     let _ = writeln!(s, "---\nbase_model: {repo}\ntags:\n- speculative-decoding\n- eagle3\n- specforge-rs\n---\n");
     let _ = writeln!(s, "# {variant} draft head for {repo}\n");
@@ -82,8 +100,8 @@ pub fn write(dir: &Path, recipe: &Recipe, summary: &RunSummary, metrics: &Path) 
         s,
         "Aux hidden states: ids {:?} in vLLM's numbering (the residual stream entering target layer k; `eagle_aux_hidden_state_layer_ids`), \
          {:?} in SGLang's (`eagle_config`). Draft vocabulary: {} tokens (`d2t` maps them to target ids).\n",
-        recipe.draft.aux_layer_ids,
-        recipe.draft.aux_layer_ids.iter().map(|k| k - 1).collect::<Vec<_>>(),
+        summary.aux_layer_ids,
+        summary.aux_layer_ids.iter().map(|k| k - 1).collect::<Vec<_>>(),
         recipe.draft.draft_vocab_size,
     );
     let _ = writeln!(s, "## Acceptance (held-out prompts, greedy, chain of {} drafts)\n", summary.k);
@@ -127,11 +145,9 @@ pub fn write(dir: &Path, recipe: &Recipe, summary: &RunSummary, metrics: &Path) 
         }
     }
     let _ = writeln!(s, "## Recipe\n\n```toml\n{}```", recipe.to_toml());
-    let p = dir.join("README.md");
-    std::fs::write(&p, s).map_err(|e| Error::io(&p, e))?;
+    write_atomic(&dir.join("README.md"), s.as_bytes())?;
     if metrics.exists() {
-        let dst = dir.join("training_metrics.jsonl");
-        std::fs::copy(metrics, &dst).map_err(|e| Error::io(&dst, e))?;
+        write_atomic(&dir.join("training_metrics.jsonl"), &crate::error::read_bytes(metrics)?)?;
     }
     Ok(())
 }
