@@ -524,7 +524,49 @@ fn ranks_take_disjoint_slices_of_one_chunk() {
     c.env("RANK", "3").env("WORLD_SIZE", "3");
     let o = c.output().unwrap();
     let e = String::from_utf8_lossy(&o.stderr);
-    assert!(!o.status.success() && e.contains("RANK") && e.contains("WORLD_SIZE is 3"), "{e}");
+    assert!(!o.status.success() && e.contains("RANK") && e.contains("WORLD_SIZE=3"), "{e}");
+}
+
+/// Under `srun` without torchrun only SLURM's variables say who is who: two tasks write two
+/// disjoint slices of one chunk, whose union is what one process writes.
+#[test]
+fn slurm_tasks_take_disjoint_slices_of_one_chunk() {
+    let model = tiny_target();
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data.jsonl");
+    let n = 11;
+    std::fs::write(&data, synthetic_conversations(n, 5)).unwrap();
+    let (m, d) = (model.to_str().unwrap(), data.to_str().unwrap());
+    let one = ["--max-batch-size", "1"];
+    let single = tmp.path().join("single");
+    run_ok(&extract_args(m, d, single.to_str().unwrap(), &one));
+    let slurm = tmp.path().join("slurm");
+    let ss = slurm.to_str().unwrap();
+    for task in 0..2 {
+        let mut c = cmd(&extract_args(m, d, ss, &one));
+        for v in ["RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"] {
+            c.env_remove(v);
+        }
+        c.env("SLURM_PROCID", task.to_string()).env("SLURM_NTASKS", "2").env("SLURM_LOCALID", task.to_string()).env("SLURM_NTASKS_PER_NODE", "2");
+        let o = c.output().expect("spawn");
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    let c = Chunk::open(&slurm).unwrap();
+    assert!(c.manifest().complete);
+    // Both tasks wrote, and every sample is there exactly once (sorted indices = 0..n).
+    let ranks: BTreeSet<usize> = c.manifest().shards.iter().map(|s| s.rank).collect();
+    assert_eq!(ranks, BTreeSet::from([0, 1]));
+    assert_eq!(sample_indices(&slurm), (0..n as i64).collect::<Vec<_>>());
+    assert_eq!(sample_indices(&single), sample_indices(&slurm));
+    let chunks = vec![Chunk::open(&single).unwrap(), Chunk::open(&slurm).unwrap()];
+    for i in 0..n as i64 {
+        let find = |c: usize| (0..chunks[c].num_samples()).find(|&k| chunks[c].sample_index(k) == Some(i)).unwrap();
+        let len = chunks[0].sample_len(find(0));
+        let spec = |c: usize| BatchSpec { samples: vec![SampleRef { chunk: c as u32, sample: find(c) as u32 }], seq_len: len, tokens: len };
+        let x = load_batch(&chunks, &spec(0), Device::Cpu).unwrap();
+        let y = load_batch(&chunks, &spec(1), Device::Cpu).unwrap();
+        assert!(bits(&x.aux).equal(&bits(&y.aux)) && bits(&x.last_hidden).equal(&bits(&y.last_hidden)), "sample {i}");
+    }
 }
 
 #[test]

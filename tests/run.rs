@@ -177,3 +177,75 @@ fn shipped_recipes_parse_and_unimplemented_targets_fail_at_once() {
     }
     assert!(n >= 4);
 }
+
+fn spec(args: &[&str]) {
+    let o = Command::new(env!("CARGO_BIN_EXE_specforge-rs")).args(args).env("OMP_NUM_THREADS", "1").output().unwrap();
+    assert!(o.status.success(), "{args:?}: {}", String::from_utf8_lossy(&o.stderr));
+}
+
+/// The checksummed shard list of a chunk manifest (what makes its shards byte-identical).
+fn shard_list(manifest: &Path) -> serde_json::Value {
+    let m: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(manifest).unwrap()).unwrap();
+    m["shards"].clone()
+}
+
+/// `run` and the separate commands are one wiring: the same regenerated data, vocabulary, shards,
+/// final checkpoint and export, byte for byte.
+#[test]
+fn run_equals_the_separate_commands() {
+    let target = reference("tiny_target.py", &[root().join(".cache/smollm2-135m-instruct").to_str().unwrap()]);
+    let t = target.to_str().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let train_data = root().join("data/prompts-train.jsonl");
+    let common = format!(
+        "[target]\nname = {t:?}\ndtype = \"f32\"\n\n[draft]\nvariant = \"eagle3.1\"\naux_layer_ids = [1, 2, 4]\ndraft_vocab_size = 512\n\n\
+         [train]\nttt_steps = 3\nlr = 3e-3\nepochs = 2\ntoken_budget = 512\nmax_batch_size = 2\nsave_every = 0\n"
+    );
+    let data = "limit = 24\nmax_len = 256\n";
+    let run_recipe = dir.path().join("run.toml");
+    std::fs::write(
+        &run_recipe,
+        format!("{common}\n[data]\npath = {:?}\n{data}\n[regenerate]\nmax_new_tokens = 16\nbatch_size = 4\n", train_data.to_str().unwrap()),
+    )
+    .unwrap();
+    let out = dir.path().join("run");
+    spec(&["run", run_recipe.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+
+    let sep = dir.path().join("sep");
+    let p = |name: &str| sep.join(name).to_str().unwrap().to_string();
+    let (regen, vocab, feats, train, export) = (p("regenerated.jsonl"), p("vocab.safetensors"), p("feats"), p("train"), p("export"));
+    let flags = ["--target", t, "--dtype", "f32", "--limit", "24", "--max-len", "256"];
+    fn cmd<'a>(stage: &'a str, flags: &[&'a str], extra: &[&'a str]) -> Vec<&'a str> {
+        [&[stage][..], flags, extra].concat()
+    }
+    spec(&cmd("regenerate", &flags, &["--data", train_data.to_str().unwrap(), "--out", &regen, "--max-new-tokens", "16", "--batch-size", "4"]));
+    spec(&cmd("vocab", &flags, &["--data", &regen, "--draft-vocab-size", "512", "--out", &vocab]));
+    spec(&cmd("extract", &flags, &["--data", &regen, "--out", &feats, "--aux-layer-ids", "1,2,4"]));
+    let train_recipe = sep.join("train.toml");
+    std::fs::write(&train_recipe, format!("{common}\n[data]\n{data}features = [{feats:?}]\n")).unwrap();
+    spec(&["train", "--recipe", train_recipe.to_str().unwrap(), "--set", &format!("draft.vocab={vocab:?}"), "--out", &train]);
+    spec(&["export", "--checkpoint", &train, "--out", &export]);
+
+    let same = |a: PathBuf, b: PathBuf| {
+        assert!(std::fs::read(&a).unwrap() == std::fs::read(&b).unwrap(), "{} and {} differ", a.display(), b.display());
+    };
+    same(out.join("regenerated.jsonl"), sep.join("regenerated.jsonl"));
+    same(out.join("vocab.safetensors"), sep.join("vocab.safetensors"));
+    // The run extracted its one chunk once per epoch; each time the shards equal `extract`'s.
+    let kept: Vec<PathBuf> = std::fs::read_dir(out.join("chunk-manifests")).unwrap().map(|e| e.unwrap().path()).collect();
+    assert_eq!(kept.len(), 2, "{kept:?}");
+    for m in &kept {
+        assert_eq!(shard_list(m), shard_list(&sep.join("feats/manifest.json")), "{}", m.display());
+    }
+    let latest = |run: &Path| {
+        let root = run.join("checkpoints");
+        root.join(std::fs::read_to_string(root.join("latest")).unwrap().trim())
+    };
+    let (a, b) = (latest(&out.join("train")), latest(&sep.join("train")));
+    for f in ["model.safetensors", "optimizer.safetensors", "state.json"] {
+        same(a.join(f), b.join(f));
+    }
+    for f in ["model.safetensors", "config.json"] {
+        same(out.join("export").join(f), sep.join("export").join(f));
+    }
+}

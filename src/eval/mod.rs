@@ -1,5 +1,5 @@
-//! Evaluation (stage 8): speculative decoding with the target and a draft head, greedy, chain of
-//! k drafts, and the acceptance statistics vLLM reports.
+//! Evaluation (the `eval` stage, docs/architecture.md): speculative decoding with the target and
+//! a draft head, greedy, chain of k drafts, and the acceptance statistics vLLM reports.
 //!
 //! One engine serves both uses:
 //! - `generate --draft` verifies the drafts with the target's own greedy choice: the output is

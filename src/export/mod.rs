@@ -1,6 +1,7 @@
-//! Export (stage 7): a trained head as the flat EAGLE-3 directory vLLM and SGLang load unchanged
-//! (serving contract §0): `config.json` with every flag explicit and the aux ids in both servers'
-//! numbering, `model.safetensors` in bf16 with `d2t` (int64) and `t2d` (bool), no embedding, no
+//! Export: the serving format of the `export` stage (docs/architecture.md). A trained head as the
+//! flat EAGLE-3 directory vLLM and SGLang load unchanged (both as `LlamaForCausalLMEagle3`):
+//! `config.json` with every flag explicit and the aux ids in both servers' numbering,
+//! `model.safetensors` in bf16 with `d2t` (int64) and `t2d` (bool), no embedding, no
 //! `model.` prefix, `midlayer.*` names. Optionally the speculators format (vLLM only).
 //!
 //! Servers skip unknown tensor names silently and fill missing ones with random weights, so the

@@ -1,5 +1,5 @@
-//! Offline features (stage 3 of the pipeline): the frozen target over a tokenised dataset, aux
-//! states and the post-final-norm hidden written into chunked safetensors shards (format v1,
+//! Offline features (the `extract` stage, docs/architecture.md): the frozen target over a
+//! tokenised dataset, aux states and the post-final-norm hidden written into chunked safetensors shards (format v1,
 //! docs/shard-format.md), and the reader the trainer consumes.
 //!
 //! - [`writer`]: deterministic shard/batch planning, rank r of W slicing (from the [`Runtime`]),

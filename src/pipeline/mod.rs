@@ -1,6 +1,9 @@
 //! `run`: the whole pipeline from one recipe, resumable after a kill at any stage.
 //!
 //! regenerate → vocab → for each epoch, for each chunk: extract → train → delete → export → eval.
+//! Each step is the same stage function its command calls (`regenerate::run_on`, `vocab::run_on`,
+//! `extract::run_samples`, `train::fit`, `export::export`, `eval::evaluate`) with the recipe's
+//! section as its config, on one [`LoadedTarget`] loaded once.
 //!
 //! Features of a whole dataset exceed the disk, so training is *chunked-rolling*: the dataset's
 //! samples are cut into chunks of `data.chunk_samples`; the trainer sees `epochs × chunks`
@@ -11,6 +14,8 @@
 //! shards, training continues from its latest checkpoint (whose data order depends only on the
 //! seed, the epoch and the chunk), and export and evaluation are recomputed. Everything is
 //! deterministic, so a killed and rerun `run` ends where an uninterrupted one does.
+//!
+//! Each chunk's `manifest.json` (its shards' sizes and checksums) is kept in `chunk-manifests/`.
 //!
 //! The next chunk's extraction is not overlapped with training: on one device the two compete
 //! for the same compute, and on CPU for the same cores.
@@ -272,6 +277,8 @@ struct Rolling<'a> {
     /// Per chunk: (dataset index, tokens after truncation) of each sample.
     lengths: Vec<Vec<(i64, usize)>>,
     root: PathBuf,
+    /// Where each trained chunk's manifest is kept after its features are deleted.
+    manifests: PathBuf,
     opts: BatchOptions,
     seed: u64,
     rt: &'a Runtime,
@@ -292,6 +299,7 @@ impl<'a> Rolling<'a> {
             samples,
             job,
             lengths,
+            manifests: root.with_file_name("chunk-manifests"),
             root,
             opts: crate::train::batch_options(recipe),
             seed: recipe.train.seed,
@@ -358,6 +366,13 @@ impl MicroBatches for Rolling<'_> {
     fn epoch_done(&self, e: u64) -> Result<()> {
         *self.open.borrow_mut() = None;
         let dir = self.dir(e);
+        // The chunk's manifest (shard sizes and checksums) outlives its features, so a run can
+        // show what it trained on.
+        let manifest = dir.join(crate::extract::manifest::MANIFEST);
+        if let (Some(name), true) = (dir.file_name(), manifest.is_file()) {
+            let keep = self.manifests.join(name).with_extension("json");
+            write_atomic(&keep, &crate::error::read_bytes(&manifest)?)?;
+        }
         if dir.exists() {
             std::fs::remove_dir_all(&dir).map_err(|err| Error::io(&dir, err))?;
         }

@@ -1,4 +1,5 @@
-//! Frozen target models (stage 1 of the pipeline).
+//! Frozen target models (`[target]` in docs/architecture.md; regenerate, extract and eval run
+//! them).
 //!
 //! Responsibility: load a Hugging Face checkpoint, run its forward exactly as transformers does,
 //! and hand out the hidden states EAGLE-3 trains on. The aux-id convention is fixed here:

@@ -1,4 +1,4 @@
-//! Training (stage 4 of the pipeline, docs/architecture.md): the TTT objective, the optimizer,
+//! Training (the `train` stage, docs/architecture.md): the TTT objective, the optimizer,
 //! checkpoints and the loop; [`run`] is the `train` stage.
 
 pub mod checkpoint;

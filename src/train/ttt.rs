@@ -1,6 +1,6 @@
 //! One training-time-test (TTT) step: the teacher, the K-step unroll, the loss and the metrics.
 //!
-//! Semantics (SpecForge's, with vLLM's EAGLE-3.1 `norm_output`; training-semantics §A.6):
+//! Semantics (SpecForge's `OnlineEagle3Model.forward`, with vLLM's EAGLE-3.1 `norm_output`):
 //! - Pre-shift once: `ids'[t] = x_{t+1}`, teacher logits `z'[t] = z_{t+1}` (zero row at the end);
 //!   the loss mask is not shifted, but each sample's last valid position is cleared: it has no
 //!   next-token target (SpecForge's offline loader does the same).
