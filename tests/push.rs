@@ -12,8 +12,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use base64::Engine as _;
-use safetensors::tensor::TensorView;
-use safetensors::Dtype;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
@@ -326,22 +324,38 @@ fn route(s: &mut State, req: &Request, base: &str) -> Answer {
 // ---------------------------------------------------------------------------------------------
 // A fake export and the binary.
 
-/// An export-shaped directory: config, a ~20 kB head (multipart), a model card, two identical
+/// An export directory: config, a real random head (multipart), a model card, two identical
 /// plots (one basic LFS object), the metrics log, a log file the fake repo's .gitignore drops,
 /// and a hidden temporary.
 fn fake_export(dir: &Path) -> BTreeMap<String, Vec<u8>> {
-    let config = json!({"architectures": ["LlamaForCausalLMEagle3"], "model_type": "llama", "hidden_size": 64, "num_hidden_layers": 1});
-    let weights: Vec<u8> = (0..64 * 160 * 2).map(|i: u32| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
-    let norm: Vec<u8> = (0..64 * 2).map(|i: u32| (i * 7) as u8).collect();
-    let tensors = vec![
-        ("fc.weight", TensorView::new(Dtype::BF16, vec![64, 160], &weights).unwrap()),
-        ("norm.weight", TensorView::new(Dtype::BF16, vec![64], &norm).unwrap()),
-    ];
-    let st = safetensors::serialize(tensors, Some(HashMap::from([("format".to_string(), "pt".to_string())]))).unwrap();
+    // A real (random) head, written by `export`: push uploads only what export's validator passes.
+    let cfg = specforge_rs::draft::Eagle3Config {
+        hidden_size: 64,
+        target_hidden_size: 64,
+        num_attention_heads: 4,
+        num_key_value_heads: 2,
+        head_dim: 16,
+        intermediate_size: 96,
+        rms_norm_eps: 1e-6,
+        rope_theta: 10000.0,
+        max_position_embeddings: 4096,
+        vocab_size: 128,
+        draft_vocab_size: 32,
+        aux_layer_ids: vec![1, 2, 3],
+        fc_norm: true,
+        norm_output: true,
+        norm_before_fc: false,
+    };
+    let t2d = tch::Tensor::zeros([128], (tch::Kind::Bool, tch::Device::Cpu));
+    let _ = t2d.narrow(0, 7, 32).fill_(1);
+    let draft = specforge_rs::draft::Eagle3Draft::new(cfg, &t2d, tch::Device::Cpu).unwrap();
+    specforge_rs::export::export(&draft, dir, specforge_rs::export::Format::Vllm, None).unwrap();
+    let st = std::fs::read(dir.join("model.safetensors")).unwrap();
+    assert!(st.len() > 5 * 8 * 1024, "the head must go multipart in 5+ parts: {} bytes", st.len());
     let mut png = b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR".to_vec();
     png.extend((0..3000u32).map(|i| (i % 251) as u8));
     let files: Vec<(&str, Vec<u8>)> = vec![
-        ("config.json", serde_json::to_vec_pretty(&config).unwrap()),
+        ("config.json", std::fs::read(dir.join("config.json")).unwrap()),
         ("model.safetensors", st),
         ("README.md", "---\ntags:\n- eagle3\n---\n# EAGLE-3 draft head — tëst ✓\n".as_bytes().to_vec()),
         ("training_loss.png", png.clone()),

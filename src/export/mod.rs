@@ -156,11 +156,32 @@ pub fn export(draft: &Eagle3Draft, out: &Path, format: Format, verifier: Option<
     Ok(out.to_path_buf())
 }
 
-/// Re-validates an export directory from disk (what `export` wrote, or a head from elsewhere).
+/// Re-validates an export directory from disk (what `export` wrote, or a head from elsewhere):
+/// an EAGLE-3 `config.json`, then every tensor of `model.safetensors` against it, as [`validate`]
+/// checks before writing. `push` uploads nothing that fails here.
 pub fn validate_dir(dir: &Path) -> Result<Eagle3Config> {
-    let cfg = Eagle3Config::from_file(&dir.join("config.json"))?;
-    let config: Value = crate::error::read_json(&dir.join("config.json"))?;
-    let f = SafetensorsFile::open(&dir.join("model.safetensors"))?;
+    let cfg_path = dir.join("config.json");
+    if !cfg_path.is_file() {
+        return Err(Error::Input(format!("{}: no config.json", dir.display())));
+    }
+    let config: Value = crate::error::read_json(&cfg_path)?;
+    let archs = config.get("architectures").and_then(Value::as_array);
+    if !archs.is_some_and(|a| a.iter().any(|x| x.as_str() == Some("LlamaForCausalLMEagle3"))) {
+        return Err(Error::config(
+            &cfg_path,
+            "architectures",
+            format!(
+                "is {}, expected [\"LlamaForCausalLMEagle3\"]: not an EAGLE-3 head",
+                config.get("architectures").map_or_else(|| "missing".into(), |a| a.to_string())
+            ),
+        ));
+    }
+    let cfg = Eagle3Config::from_file(&cfg_path)?;
+    let weights = dir.join("model.safetensors");
+    if !weights.is_file() {
+        return Err(Error::Input(format!("{}: no model.safetensors", dir.display())));
+    }
+    let f = SafetensorsFile::open(&weights)?;
     let tensors = f.names().map(|n| Ok((n.to_string(), f.tensor(n)?))).collect::<Result<Vec<_>>>()?;
     validate(&cfg, &config, &tensors)?;
     Ok(cfg)

@@ -368,63 +368,13 @@ pub struct Listing {
     pub skipped: Vec<String>,
 }
 
-/// Refuses a directory that is not an export: it must hold `config.json` (a JSON object naming
-/// `LlamaForCausalLMEagle3` among its `architectures`, as every export does) and a
-/// `model.safetensors` whose header parses.
+/// Checks that `dir` is an export, with export's own validator (config, every tensor's name,
+/// shape and dtype, the vocabulary maps): nothing else is uploaded.
 pub fn check_export(dir: &Path) -> Result<()> {
-    let not = |reason: String| Err(PushError::NotAnExport { dir: dir.to_path_buf(), reason });
     if !dir.is_dir() {
-        return not("no such directory".into());
+        return Err(PushError::NotAnExport { dir: dir.to_path_buf(), reason: "no such directory".into() });
     }
-    let cfg_path = dir.join("config.json");
-    if !cfg_path.is_file() {
-        return not("no config.json".into());
-    }
-    let text = std::fs::read_to_string(&cfg_path).map_err(|e| PushError::io(&cfg_path, e))?;
-    let cfg: serde_json::Value = match serde_json::from_str(&text) {
-        Ok(v) => v,
-        Err(e) => return not(format!("config.json is not valid JSON: {e}")),
-    };
-    let archs = cfg.get("architectures").and_then(|a| a.as_array());
-    if !archs.is_some_and(|a| a.iter().any(|x| x.as_str() == Some("LlamaForCausalLMEagle3"))) {
-        return not(format!(
-            "config.json does not describe an EAGLE-3 head (architectures {}, expected [\"LlamaForCausalLMEagle3\"])",
-            cfg.get("architectures").map(|a| a.to_string()).unwrap_or_else(|| "missing".into())
-        ));
-    }
-    let st = dir.join("model.safetensors");
-    if !st.is_file() {
-        return not("no model.safetensors".into());
-    }
-    if let Err(reason) = safetensors_header(&st)? {
-        return not(format!("model.safetensors: {reason}"));
-    }
-    Ok(())
-}
-
-/// Parses a safetensors header (8-byte little-endian length, then JSON) without reading the data.
-fn safetensors_header(path: &Path) -> Result<std::result::Result<serde_json::Value, String>> {
-    let io = |e| PushError::io(path, e);
-    let mut f = std::fs::File::open(path).map_err(io)?;
-    let size = f.metadata().map_err(io)?.len();
-    let mut len = [0u8; 8];
-    if size < 8 {
-        return Ok(Err(format!("{size} bytes, too short for a safetensors header")));
-    }
-    f.read_exact(&mut len).map_err(io)?;
-    let n = u64::from_le_bytes(len);
-    if n > 100_000_000 || n > size - 8 {
-        return Ok(Err(format!("header length {n} does not fit the file ({size} bytes)")));
-    }
-    let mut header = vec![0u8; n as usize];
-    f.read_exact(&mut header).map_err(io)?;
-    Ok(serde_json::from_slice::<serde_json::Value>(&header).map_err(|e| format!("invalid header: {e}")).and_then(|v| {
-        if v.is_object() {
-            Ok(v)
-        } else {
-            Err("header is not a JSON object".into())
-        }
-    }))
+    crate::export::validate_dir(dir).map(|_| ()).map_err(|e| PushError::NotAnExport { dir: dir.to_path_buf(), reason: e.to_string() })
 }
 
 /// Lists the files under `dir` (recursively, sorted), leaving hidden entries out.
@@ -695,17 +645,41 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
         let err = |d: &Path| check_export(d).unwrap_err().to_string();
+        assert!(err(&d.join("absent")).contains("no such directory"));
         assert!(err(d).contains("no config.json"));
         std::fs::write(d.join("config.json"), r#"{"architectures": ["LlamaForCausalLM"]}"#).unwrap();
-        assert!(err(d).contains("EAGLE-3"));
-        std::fs::write(d.join("config.json"), r#"{"architectures": ["LlamaForCausalLMEagle3"]}"#).unwrap();
-        assert!(err(d).contains("no model.safetensors"));
-        std::fs::write(d.join("model.safetensors"), b"\xff\xff\xff\xff\xff\xff\xff\x7fjunk").unwrap();
-        assert!(err(d).contains("header length"));
-        let header = br#"{"__metadata__":{"format":"pt"}}"#;
-        let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
-        bytes.extend_from_slice(header);
-        std::fs::write(d.join("model.safetensors"), bytes).unwrap();
+        assert!(err(d).contains("LlamaForCausalLMEagle3"));
+        // A real export passes; junk or a missing tensor in its weights does not.
+        let cfg = crate::draft::Eagle3Config {
+            hidden_size: 16,
+            target_hidden_size: 16,
+            num_attention_heads: 2,
+            num_key_value_heads: 1,
+            head_dim: 8,
+            intermediate_size: 24,
+            rms_norm_eps: 1e-6,
+            rope_theta: 10000.0,
+            max_position_embeddings: 4096,
+            vocab_size: 40,
+            draft_vocab_size: 10,
+            aux_layer_ids: vec![1, 2, 3],
+            fc_norm: true,
+            norm_output: true,
+            norm_before_fc: false,
+        };
+        let t2d = tch::Tensor::zeros([40], (tch::Kind::Bool, tch::Device::Cpu));
+        let _ = t2d.narrow(0, 3, 10).fill_(1);
+        let draft = crate::draft::Eagle3Draft::new(cfg, &t2d, tch::Device::Cpu).unwrap();
+        crate::export::export(&draft, d, crate::export::Format::Vllm, None).unwrap();
         check_export(d).unwrap();
+        let other = tempfile::tempdir().unwrap();
+        let good = other.path().join("good.safetensors");
+        std::fs::copy(d.join("model.safetensors"), &good).unwrap();
+        std::fs::write(d.join("model.safetensors"), b"\xff\xff\xff\xff\xff\xff\xff\x7fjunk").unwrap();
+        assert!(err(d).contains("model.safetensors"));
+        let f = crate::weights::SafetensorsFile::open(&good).unwrap();
+        let kept: Vec<(String, tch::Tensor)> = f.names().filter(|n| *n != "d2t").map(|n| (n.to_string(), f.tensor(n).unwrap())).collect();
+        crate::weights::save_safetensors(&d.join("model.safetensors"), &kept, None).unwrap();
+        assert!(err(d).contains("d2t"));
     }
 }
