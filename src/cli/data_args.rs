@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use clap::Args;
 use tch::{Device, Kind};
 
-use crate::data::dataset::{self, ReadOptions, Truncation};
+use crate::data::{self as dataset, ReadOptions, Truncation};
 use crate::data::{Report, TokenizeOptions};
 
 /// How a dataset is read, tokenised and policed.

@@ -7,7 +7,7 @@ use clap::Args;
 use serde_json::json;
 use tch::Device;
 
-use crate::data::{dataset, Tokenizer};
+use crate::data::{self as dataset, Tokenizer};
 use crate::draft::Eagle3Draft;
 use crate::eval::{SpecDecoder, SpecStats, Verify};
 use crate::target::{self, registry};

@@ -11,7 +11,7 @@ use serde_json::json;
 
 use super::data_args::{compute_kind, device, DatasetArgs};
 use crate::config::TargetConfig;
-use crate::data::{dataset, Tokenizer};
+use crate::data::{self as dataset, Tokenizer};
 use crate::extract::writer::{self, dtype_name, ExtractOptions};
 use crate::extract::RunInfo;
 use crate::target::{self, registry};

@@ -6,7 +6,7 @@ use anyhow::bail;
 use clap::Args;
 
 use super::data_args::{compute_kind, device, DatasetArgs};
-use crate::data::{dataset, Tokenizer};
+use crate::data::{self as dataset, Tokenizer};
 use crate::generate::regenerate::{regenerate, select, RegenerateOptions};
 use crate::generate::GenerateOptions;
 use crate::target::{self, registry};

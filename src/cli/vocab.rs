@@ -7,7 +7,7 @@ use clap::Args;
 
 use super::data_args::DatasetArgs;
 use crate::config::TargetConfig;
-use crate::data::{dataset, Tokenizer};
+use crate::data::{self as dataset, Tokenizer};
 use crate::extract::Chunk;
 use crate::target::registry;
 use crate::vocab;

@@ -26,7 +26,7 @@ use serde_json::{json, Value as Json};
 use tch::Device;
 
 use super::{generate, GenerateOptions};
-use crate::data::dataset::{BadKind, Conversation, Message, Role};
+use crate::data::{BadKind, Conversation, Message, Role};
 use crate::data::{RenderOptions, Report, Tokenizer};
 use crate::error::{Error, Result};
 use crate::target::TargetModel;

@@ -24,7 +24,7 @@ use tch::{Device, Kind};
 
 use crate::config::recipe::Recipe;
 use crate::config::TargetConfig;
-use crate::data::dataset::{self, Sample, TokenizeOptions, Truncation};
+use crate::data::{self as dataset, Sample, TokenizeOptions, Truncation};
 use crate::data::Tokenizer;
 use crate::dist::SingleProcess;
 use crate::draft::Eagle3Draft;

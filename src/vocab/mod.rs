@@ -17,7 +17,7 @@ use std::path::Path;
 use serde_json::json;
 use tch::{Device, Kind, Tensor};
 
-use crate::data::{dataset, Sample, Tokenizer};
+use crate::data::{stop_ids, Sample, Tokenizer};
 use crate::error::{Error, Result};
 
 /// A draft vocabulary and how well it covers the training tokens.
@@ -168,7 +168,7 @@ pub fn count_samples(samples: &[Sample], vocab_size: usize) -> Result<Vec<u64>> 
 /// chat template emits around turns (`<|im_start|>`, `<|im_end|>`, ...), found by rendering a
 /// probe conversation.
 pub fn forced_tokens(tok: &Tokenizer, eos_ids: &[i64]) -> Vec<i64> {
-    let mut set: BTreeSet<i64> = dataset::stop_ids(tok, eos_ids).into_iter().collect();
+    let mut set: BTreeSet<i64> = stop_ids(tok, eos_ids).into_iter().collect();
     let special: BTreeMap<i64, String> = tok.special_added_tokens().into_iter().collect();
     let probe = json!([
         {"role": "system", "content": "s"},
