@@ -217,40 +217,27 @@ fn short(v: &Json) -> String {
 }
 
 /// Decodes standard or URL-safe base64 (padding optional, whitespace ignored).
+///
+/// The URL-safe alphabet is used when the payload holds a `-` or `_`, the standard one otherwise.
+/// Non-zero bits in the last symbol are ignored, as the old hand-written decoder (and Python's
+/// `base64.b64decode`) ignored them.
+///
+/// # Errors
+/// The base64 crate's message (bad symbol and its offset in the payload without whitespace, bad
+/// length, bad padding).
 pub fn decode_base64(s: &str) -> std::result::Result<Vec<u8>, String> {
-    let mut out = Vec::with_capacity(s.len() * 3 / 4);
-    let mut acc = 0u32;
-    let mut bits = 0u32;
-    let mut seen_pad = false;
-    for (i, c) in s.bytes().enumerate() {
-        let v = match c {
-            b'A'..=b'Z' => c - b'A',
-            b'a'..=b'z' => c - b'a' + 26,
-            b'0'..=b'9' => c - b'0' + 52,
-            b'+' | b'-' => 62,
-            b'/' | b'_' => 63,
-            b'=' => {
-                seen_pad = true;
-                continue;
-            }
-            b' ' | b'\n' | b'\r' | b'\t' => continue,
-            _ => return Err(format!("invalid base64 byte {:?} at offset {i}", c as char)),
-        };
-        if seen_pad {
-            return Err(format!("base64 data after padding at offset {i}"));
-        }
-        acc = (acc << 6) | u32::from(v);
-        bits += 6;
-        if bits >= 8 {
-            bits -= 8;
-            out.push((acc >> bits) as u8);
-            acc &= (1 << bits) - 1;
-        }
-    }
-    if bits >= 6 {
-        return Err("truncated base64 data".into());
-    }
-    Ok(out)
+    use base64::alphabet;
+    use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
+    use base64::Engine as _;
+
+    const CONFIG: GeneralPurposeConfig =
+        GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent).with_decode_allow_trailing_bits(true);
+    const STANDARD: GeneralPurpose = GeneralPurpose::new(&alphabet::STANDARD, CONFIG);
+    const URL_SAFE: GeneralPurpose = GeneralPurpose::new(&alphabet::URL_SAFE, CONFIG);
+
+    let compact: Vec<u8> = s.bytes().filter(|c| !matches!(c, b' ' | b'\n' | b'\r' | b'\t')).collect();
+    let engine = if compact.iter().any(|&c| c == b'-' || c == b'_') { &URL_SAFE } else { &STANDARD };
+    engine.decode(&compact).map_err(|e| format!("invalid base64: {e}"))
 }
 
 /// The image format of `head`, from its magic bytes.
@@ -508,6 +495,13 @@ mod tests {
         assert_eq!(decode_base64("aGVsbG8").unwrap(), b"hello");
         assert!(decode_base64("aGV$bG8=").is_err());
         assert!(decode_base64("a").is_err());
+        // URL-safe alphabet, whitespace, unpadded and padded forms.
+        assert_eq!(decode_base64("-_8=").unwrap(), [0xfb, 0xff]);
+        assert_eq!(decode_base64("+/8").unwrap(), [0xfb, 0xff]);
+        assert_eq!(decode_base64(" aGVs\nbG8=\r\n").unwrap(), b"hello");
+        // Non-zero trailing bits are ignored; data after padding is refused.
+        assert_eq!(decode_base64("aGVsbG9").unwrap(), b"hello");
+        assert!(decode_base64("aGVs=bG8").is_err());
     }
 
     #[test]
