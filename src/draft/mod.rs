@@ -1,11 +1,13 @@
 //! The EAGLE-3 / EAGLE-3.1 draft head (stage 4): a pure model definition.
 //!
-//! What the servers compute (serving contract §1): `fc` fuses the A aux states (A·T → H), with
-//! EAGLE-3.1's `fc_norm` (one RMSNorm per aux chunk) or `norm_before_fc` (one RMSNorm over A·T)
-//! in front; one Llama decoder layer (`midlayer`) whose q/k/v read
-//! `cat(input_layernorm(embed), hidden_norm(h))` (2H wide, embedding half first) with the raw `h`
-//! as residual; a final `norm`; `lm_head` over the draft vocabulary; `d2t` maps draft ids to
-//! target ids. The token embedding is the target's, frozen, and never part of the draft.
+//! What the servers compute (vLLM's `vllm/model_executor/models/llama_eagle3.py` and SGLang's
+//! `python/sglang/srt/models/llama_eagle3.py`; tests/reference/serving_draft.py restates it in
+//! plain torch): `fc` fuses the A aux states (A·T → H), with EAGLE-3.1's `fc_norm` (one RMSNorm
+//! per aux chunk) or `norm_before_fc` (one RMSNorm over A·T) in front; one Llama decoder layer
+//! (`midlayer`) whose q/k/v read `cat(input_layernorm(embed), hidden_norm(h))` (2H wide, embedding
+//! half first) with the raw `h` as residual; a final `norm`; `lm_head` over the draft vocabulary;
+//! `d2t` maps draft ids to target ids. The token embedding is the target's, frozen, and never
+//! part of the draft.
 //!
 //! Variable names in the [`VarStore`] equal the exported tensor names (`fc.weight`,
 //! `midlayer.self_attn.q_proj.weight`, ...), so checkpoints and exports need no rename table.

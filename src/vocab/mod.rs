@@ -1,6 +1,6 @@
 //! The draft vocabulary: the `Vd` target tokens the draft head predicts, chosen from loss-masked
-//! token frequencies (SpecForge `generate_vocab_mapping_file`, training-semantics §A.5), as the
-//! two tensors the serving engines read:
+//! token frequencies (SpecForge's `generate_vocab_mapping_file`), as the two tensors the serving
+//! engines read:
 //!
 //! - `d2t` `[Vd]` int64 offsets: target id = draft id + `d2t[draft id]` (non-decreasing, ≥ 0);
 //! - `t2d` `[V]` bool: whether a target id is in the draft vocabulary (exactly `Vd` trues).
