@@ -18,7 +18,7 @@ use clap::Args;
 use tch::{Device, Kind};
 
 use crate::config::{DataConfig, TargetConfig, TargetSpec};
-use crate::data::dataset::{self, Sample, TokenizeOptions};
+use crate::data::{Sample, TokenizeOptions};
 use crate::data::Tokenizer;
 use crate::dist::{DistEnv, DistError};
 use crate::error::{Error, Result};
@@ -208,7 +208,7 @@ impl LoadedTarget {
 
     /// Token ids that end an answer (config EOS ids and the tokenizer's end-of-turn tokens).
     pub fn stop_ids(&self) -> Vec<i64> {
-        crate::data::dataset::stop_ids(&self.tok, &self.cfg.eos_token_ids)
+        crate::data::stop_ids(&self.tok, &self.cfg.eos_token_ids)
     }
 
     /// How `data` tokenises for this target.
@@ -220,8 +220,8 @@ impl LoadedTarget {
     /// `data.limit` of them. Bad lines go to `report` (written by the process that prints); too
     /// many of them, or none usable, is an error.
     pub fn samples(&self, path: &Path, data: &DataConfig, report: &Path, rt: &Runtime) -> Result<Vec<Sample>> {
-        let (convs, mut bad) = dataset::read_jsonl(path, &Default::default())?;
-        let mut samples = dataset::tokenize(&convs, &self.tok, &self.cfg.eos_token_ids, &self.tokenize_options(data), &mut bad);
+        let (convs, mut bad) = crate::data::read_jsonl(path, &Default::default())?;
+        let mut samples = crate::data::tokenize(&convs, &self.tok, &self.cfg.eos_token_ids, &self.tokenize_options(data), &mut bad);
         bad.check(data.max_bad_fraction, report, rt.prints)?;
         if let Some(n) = data.limit {
             samples.truncate(n);

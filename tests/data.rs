@@ -10,8 +10,7 @@ use std::time::Duration;
 
 use data_support::*;
 use serde_json::{json, Value};
-use specforge_rs::data::dataset::{read_jsonl, tokenize, BadKind, ReadOptions};
-use specforge_rs::data::{TokenizeOptions, Tokenizer, Truncation};
+use specforge_rs::data::{read_jsonl, tokenize, BadKind, ReadOptions, TokenizeOptions, Tokenizer, Truncation};
 
 fn smol_tokenizer() -> (Tokenizer, Vec<i64>) {
     let dir = smollm2();

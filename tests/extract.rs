@@ -18,8 +18,7 @@ use std::time::Duration;
 
 use data_support::*;
 use specforge_rs::config::TargetConfig;
-use specforge_rs::data::dataset::{read_jsonl, tokenize, ReadOptions};
-use specforge_rs::data::{Sample, TokenizeOptions, Tokenizer};
+use specforge_rs::data::{read_jsonl, tokenize, ReadOptions, Sample, TokenizeOptions, Tokenizer};
 use specforge_rs::extract::reader::{load_batch, plan_batches, BatchOptions, BatchSpec, Chunk, Prefetcher, SampleRef};
 use specforge_rs::extract::writer::{self, plan_forward_batches, ExtractOptions};
 use specforge_rs::extract::RunInfo;
@@ -230,7 +229,7 @@ fn smollm2_features_read_back_bitwise_on_bundled_prompts() {
     let opts = RegenerateOptions {
         gen: GenerateOptions {
             max_new_tokens: 6,
-            stop_ids: specforge_rs::data::dataset::stop_ids(&tok, &cfg.eos_token_ids),
+            stop_ids: specforge_rs::data::stop_ids(&tok, &cfg.eos_token_ids),
             temperature: 0.0,
             top_p: 1.0,
         },

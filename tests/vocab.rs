@@ -8,8 +8,7 @@ use std::collections::BTreeSet;
 
 use data_support::*;
 use specforge_rs::config::TargetConfig;
-use specforge_rs::data::dataset::{read_jsonl, tokenize, ReadOptions};
-use specforge_rs::data::{TokenizeOptions, Tokenizer};
+use specforge_rs::data::{read_jsonl, tokenize, ReadOptions, TokenizeOptions, Tokenizer};
 use specforge_rs::vocab;
 
 #[test]

@@ -19,7 +19,7 @@ use std::path::Path;
 
 use serde_json::{json, Value as Json};
 
-use super::dataset::{parse_line, BadKind, Conversation, Report};
+use super::{parse_line, BadKind, Conversation, Report};
 use crate::error::{Error, Result};
 
 /// An imported conversation and the server's `finish_reason` for its answer.

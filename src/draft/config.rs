@@ -1,5 +1,6 @@
-//! The draft head's config: what we export as a flat EAGLE-3 `config.json` (serving contract §3.1)
-//! and read back for `train-step` / `eval`.
+//! The draft head's config: what we export as a flat EAGLE-3 `config.json` (the
+//! `LlamaForCausalLMEagle3` config vLLM's and SGLang's `llama_eagle3.py` load) and read back for
+//! `train-step` / `eval`.
 
 use std::path::Path;
 
@@ -154,8 +155,9 @@ impl Eagle3Config {
         Ok(())
     }
 
-    /// The flat config.json both vLLM and SGLang load (serving contract §0, §3.1): every flag
-    /// explicit, aux ids twice (top level in vLLM's numbering = ours, nested in SGLang's = ours − 1).
+    /// The flat config.json both vLLM and SGLang load (tests/reference/serving_draft.py reads it):
+    /// every flag explicit, aux ids twice (top level in vLLM's numbering = ours, nested in
+    /// SGLang's = ours − 1).
     pub fn to_export_json(&self) -> Value {
         let sglang_ids: Vec<i64> = self.aux_layer_ids.iter().map(|k| k - 1).collect();
         json!({

@@ -1,11 +1,13 @@
 //! The EAGLE-3 / EAGLE-3.1 draft head (stage 4): a pure model definition.
 //!
-//! What the servers compute (serving contract §1): `fc` fuses the A aux states (A·T → H), with
-//! EAGLE-3.1's `fc_norm` (one RMSNorm per aux chunk) or `norm_before_fc` (one RMSNorm over A·T)
-//! in front; one Llama decoder layer (`midlayer`) whose q/k/v read
-//! `cat(input_layernorm(embed), hidden_norm(h))` (2H wide, embedding half first) with the raw `h`
-//! as residual; a final `norm`; `lm_head` over the draft vocabulary; `d2t` maps draft ids to
-//! target ids. The token embedding is the target's, frozen, and never part of the draft.
+//! What the servers compute (vLLM's `vllm/model_executor/models/llama_eagle3.py` and SGLang's
+//! `python/sglang/srt/models/llama_eagle3.py`; tests/reference/serving_draft.py restates it in
+//! plain torch): `fc` fuses the A aux states (A·T → H), with EAGLE-3.1's `fc_norm` (one RMSNorm
+//! per aux chunk) or `norm_before_fc` (one RMSNorm over A·T) in front; one Llama decoder layer
+//! (`midlayer`) whose q/k/v read `cat(input_layernorm(embed), hidden_norm(h))` (2H wide, embedding
+//! half first) with the raw `h` as residual; a final `norm`; `lm_head` over the draft vocabulary;
+//! `d2t` maps draft ids to target ids. The token embedding is the target's, frozen, and never
+//! part of the draft.
 //!
 //! Variable names in the [`VarStore`] equal the exported tensor names (`fc.weight`,
 //! `midlayer.self_attn.q_proj.weight`, ...), so checkpoints and exports need no rename table.
@@ -21,7 +23,7 @@ use tch::{Device, Kind, Tensor};
 pub use config::Eagle3Config;
 
 use crate::error::{Error, Result};
-use crate::nn::{apply_rotary, rms_norm, Rotary};
+use crate::nn::{append_kv, apply_rotary, rms_norm, Linear, Mlp, Rotary};
 use crate::weights::{save_safetensors, SafetensorsFile};
 use attention::TttKv;
 
@@ -38,17 +40,6 @@ pub struct SelfAttn {
     pub o_proj: Tensor,
 }
 
-/// The midlayer's SwiGLU MLP.
-#[derive(Debug)]
-pub struct Mlp {
-    /// `[I, H]`.
-    pub gate_proj: Tensor,
-    /// `[I, H]`.
-    pub up_proj: Tensor,
-    /// `[H, I]`.
-    pub down_proj: Tensor,
-}
-
 /// The single decoder layer.
 #[derive(Debug)]
 pub struct MidLayer {
@@ -60,7 +51,7 @@ pub struct MidLayer {
     pub self_attn: SelfAttn,
     /// `[H]`.
     pub post_attention_layernorm: Tensor,
-    /// MLP.
+    /// Bias-free SwiGLU MLP.
     pub mlp: Mlp,
 }
 
@@ -137,9 +128,9 @@ impl Eagle3Draft {
             },
             post_attention_layernorm: ones(&m, "post_attention_layernorm", &[h]),
             mlp: Mlp {
-                gate_proj: w(&mlp, "gate_proj", &[i, h]),
-                up_proj: w(&mlp, "up_proj", &[i, h]),
-                down_proj: w(&mlp, "down_proj", &[h, i]),
+                gate_proj: Linear { weight: w(&mlp, "gate_proj", &[i, h]), bias: None },
+                up_proj: Linear { weight: w(&mlp, "up_proj", &[i, h]), bias: None },
+                down_proj: Linear { weight: w(&mlp, "down_proj", &[h, i]), bias: None },
             },
         };
         let norm = ones(&root, "norm", &[h]);
@@ -273,10 +264,8 @@ impl Eagle3Draft {
         past: Option<(&Tensor, &Tensor)>,
     ) -> (StepOutput, Tensor, Tensor) {
         let (q, k, v) = self.qkv(emb, hidden, cos, sin);
-        let (keys, values, past_len) = match past {
-            Some((pk, pv)) => (Tensor::cat(&[pk, &k], 2), Tensor::cat(&[pv, &v], 2), pk.size()[2]),
-            None => (k.shallow_clone(), v.shallow_clone(), 0),
-        };
+        let past_len = past.map_or(0, |(pk, _)| pk.size()[2]);
+        let (keys, values) = append_kv(past, &k, &v);
         let (b, t) = (emb.size()[0], emb.size()[1]);
         let mask = (past_len > 0 && t > 1)
             .then(|| crate::nn::causal_padding_mask(&Tensor::ones([b, past_len + t], (Kind::Int64, emb.device())), t, past_len, q.kind()));
@@ -308,9 +297,7 @@ impl Eagle3Draft {
         let o = attn.transpose(1, 2).reshape([s[0], s[2], c.num_attention_heads * c.head_dim]);
         let h = hidden + o.linear::<Tensor>(&m.self_attn.o_proj, None);
         let n = rms_norm(&h, &m.post_attention_layernorm, c.rms_norm_eps);
-        let mlp = (n.linear::<Tensor>(&m.mlp.gate_proj, None).silu() * n.linear::<Tensor>(&m.mlp.up_proj, None))
-            .linear::<Tensor>(&m.mlp.down_proj, None);
-        let out = h + mlp;
+        let out = h + m.mlp.forward(&n);
         let post = rms_norm(&out, &self.norm, c.rms_norm_eps);
         StepOutput { out, post }
     }

@@ -63,7 +63,7 @@ pub fn run(job: &EvalJob, rt: &Runtime) -> Result<EvalResult> {
 /// against a line's final assistant turn when it has one, live otherwise.
 pub fn evaluate(target: &LoadedTarget, draft: &Eagle3Draft, data: &Path, cfg: &EvalConfig, rt: &Runtime) -> Result<EvalResult> {
     cfg.validate().map_err(|(f, m)| Error::config("eval", f, m))?;
-    let (convs, _) = crate::data::dataset::read_jsonl(data, &Default::default())?;
+    let (convs, _) = crate::data::read_jsonl(data, &Default::default())?;
     let dec = SpecDecoder::new(target.model()?, draft, cfg.k, target.stop_ids(), rt.device)?;
     let tok = &target.tok;
     let n = convs.len().min(cfg.limit.unwrap_or(usize::MAX));

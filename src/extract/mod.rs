@@ -122,7 +122,7 @@ pub fn run_samples(target: &LoadedTarget, job: &ExtractJob, all: &[Sample], rt: 
         store,
         RunInfo {
             dataset: job.data.display().to_string(),
-            dataset_xxh3: crate::data::dataset::file_hash(&job.data)?,
+            dataset_xxh3: crate::data::file_hash(&job.data)?,
             max_len: job.dataset.max_len,
             truncation: format!("{:?}", job.dataset.truncation).to_lowercase(),
             compute_dtype: writer::dtype_name(kind).into(),

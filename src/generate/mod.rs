@@ -66,7 +66,7 @@ pub fn run(job: &GenerateJob, rt: &Runtime) -> Result<GenerateResult> {
     let target = LoadedTarget::open(&job.target, rt)?;
     let mut convs: Vec<Value> = job.prompt.iter().map(|p| json!([{"role": "user", "content": p}])).collect();
     if let Some(p) = &job.prompts {
-        let (lines, _report) = crate::data::dataset::read_jsonl(p, &Default::default())?;
+        let (lines, _report) = crate::data::read_jsonl(p, &Default::default())?;
         for c in lines {
             let mut msgs: Vec<Value> = c.messages.iter().map(|m| m.to_template_json()).collect();
             if msgs.last().and_then(|m| m.get("role")).and_then(Value::as_str) == Some("assistant") {

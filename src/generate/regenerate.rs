@@ -28,7 +28,7 @@ use tch::Device;
 use super::{generate, GenerateOptions};
 use crate::config::{DataConfig, RegenerateConfig, TargetSpec};
 use crate::runtime::{side_file, LoadedTarget, Runtime};
-use crate::data::dataset::{BadKind, Conversation, Message, Role};
+use crate::data::{BadKind, Conversation, Message, Role};
 use crate::data::{RenderOptions, Report, Tokenizer};
 use crate::error::{Error, Result};
 use crate::target::TargetModel;
@@ -64,7 +64,7 @@ pub fn run(job: &RegenerateJob, rt: &Runtime) -> Result<RegenerateStats> {
 /// Runs `regenerate` on an opened target (the model loads only once the data is known good).
 pub fn run_on(target: &LoadedTarget, job: &RegenerateJob, rt: &Runtime) -> Result<RegenerateStats> {
     job.decode.validate().map_err(|(f, m)| Error::config("regenerate", f, m))?;
-    let (mut convs, mut report) = crate::data::dataset::read_jsonl(&job.data, &Default::default())?;
+    let (mut convs, mut report) = crate::data::read_jsonl(&job.data, &Default::default())?;
     if let Some(n) = job.dataset.limit {
         convs.truncate(n);
     }

@@ -29,19 +29,57 @@ pub fn rms_norm_zero_centred(x: &Tensor, weight: &Tensor, eps: f64) -> Tensor {
     (x32 * (var + eps).rsqrt() * w).to_kind(dtype)
 }
 
-/// `x Wᵀ + b`.
-///
-/// # Shapes
-/// `x`: `[..., in]`, `w`: `[out, in]`, `b`: `[out]`; returns `[..., out]`.
-pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Tensor {
-    x.linear(w, b)
+/// A projection `x Wᵀ + b` (checkpoint tensors `{prefix}.weight`, `{prefix}.bias`).
+#[derive(Debug)]
+pub struct Linear {
+    /// `[out, in]`.
+    pub weight: Tensor,
+    /// `[out]`, when the architecture has one.
+    pub bias: Option<Tensor>,
 }
 
-/// SwiGLU MLP: `down(silu(gate(x)) * up(x))`.
-pub fn swiglu(x: &Tensor, gate: &Tensor, up: &Tensor, down: &Tensor) -> Tensor {
-    let g = x.linear::<Tensor>(gate, None).silu();
-    let u = x.linear::<Tensor>(up, None);
-    (g * u).linear::<Tensor>(down, None)
+impl Linear {
+    /// `x Wᵀ + b`.
+    ///
+    /// # Shapes
+    /// `x`: `[..., in]`; returns `[..., out]`.
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        x.linear(&self.weight, self.bias.as_ref())
+    }
+}
+
+/// A SwiGLU MLP (`{prefix}.gate_proj`, `{prefix}.up_proj`, `{prefix}.down_proj`), the one every
+/// target and the draft use.
+#[derive(Debug)]
+pub struct Mlp {
+    /// `[I, H]`.
+    pub gate_proj: Linear,
+    /// `[I, H]`.
+    pub up_proj: Linear,
+    /// `[H, I]`.
+    pub down_proj: Linear,
+}
+
+impl Mlp {
+    /// `down(silu(gate(x)) * up(x))`.
+    ///
+    /// # Shapes
+    /// `x`: `[..., H]`; returns `[..., H]`.
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        self.down_proj.forward(&(self.gate_proj.forward(x).silu() * self.up_proj.forward(x)))
+    }
+}
+
+/// Appends this pass's keys and values to the cached ones along the sequence dim:
+/// `(cat([past_k, k], 2), cat([past_v, v], 2))`, or `(k, v)` without a past.
+///
+/// # Shapes
+/// `past`: `[B, nkv, S, d]` each, `k`/`v`: `[B, nkv, T, d]`; returns two `[B, nkv, S + T, d]`.
+pub fn append_kv(past: Option<(&Tensor, &Tensor)>, k: &Tensor, v: &Tensor) -> (Tensor, Tensor) {
+    match past {
+        Some((pk, pv)) => (Tensor::cat(&[pk, k], 2), Tensor::cat(&[pv, v], 2)),
+        None => (k.shallow_clone(), v.shallow_clone()),
+    }
 }
 
 /// Rotary embedding tables for one model.

@@ -14,28 +14,22 @@ use tch::{Device, Kind, Tensor};
 use super::{check_capture, default_positions, Cache, ForwardInput, LayerCache, TargetModel, TargetOutput};
 use crate::config::TargetConfig;
 use crate::error::{Error, Result};
-use crate::nn::{apply_rotary, attention, causal_padding_mask, rms_norm, Rotary};
+use crate::nn::{append_kv, apply_rotary, attention, causal_padding_mask, rms_norm, Linear, Mlp, Rotary};
 use crate::weights::{Loader, WeightSource};
 
-/// A projection `x Wᵀ + b` with its checkpoint tensors.
-#[derive(Debug)]
-pub struct Linear {
-    /// `[out, in]`.
-    pub weight: Tensor,
-    /// `[out]`, when the architecture has one.
-    pub bias: Option<Tensor>,
+/// Loads a projection: `{prefix}.weight` (`[out, inp]`) and, when `bias`, `{prefix}.bias` (`[out]`).
+pub(crate) fn load_linear(l: &mut Loader<'_>, prefix: &str, out: i64, inp: i64, bias: bool) -> Linear {
+    let weight = l.backbone(&format!("{prefix}.weight"), &[out, inp]);
+    let bias = bias.then(|| l.backbone(&format!("{prefix}.bias"), &[out]));
+    Linear { weight, bias }
 }
 
-impl Linear {
-    fn load(l: &mut Loader<'_>, prefix: &str, out: i64, inp: i64, bias: bool) -> Self {
-        let weight = l.backbone(&format!("{prefix}.weight"), &[out, inp]);
-        let bias = bias.then(|| l.backbone(&format!("{prefix}.bias"), &[out]));
-        Linear { weight, bias }
-    }
-
-    /// `[..., in] -> [..., out]`.
-    pub fn forward(&self, x: &Tensor) -> Tensor {
-        x.linear(&self.weight, self.bias.as_ref())
+/// Loads a SwiGLU MLP (`{prefix}.gate_proj` / `up_proj` `[i, h]`, `{prefix}.down_proj` `[h, i]`).
+pub(crate) fn load_mlp(l: &mut Loader<'_>, prefix: &str, h: i64, i: i64, bias: bool) -> Mlp {
+    Mlp {
+        gate_proj: load_linear(l, &format!("{prefix}.gate_proj"), i, h, bias),
+        up_proj: load_linear(l, &format!("{prefix}.up_proj"), i, h, bias),
+        down_proj: load_linear(l, &format!("{prefix}.down_proj"), h, i, bias),
     }
 }
 
@@ -54,32 +48,6 @@ pub struct SelfAttn {
     pub q_norm: Option<Tensor>,
     /// Qwen3 per-head norm weights `[d]`.
     pub k_norm: Option<Tensor>,
-}
-
-/// SwiGLU MLP weights.
-#[derive(Debug)]
-pub struct Mlp {
-    /// `[I, H]`.
-    pub gate_proj: Linear,
-    /// `[I, H]`.
-    pub up_proj: Linear,
-    /// `[H, I]`.
-    pub down_proj: Linear,
-}
-
-impl Mlp {
-    /// `[..., H] -> [..., H]`.
-    pub fn forward(&self, x: &Tensor) -> Tensor {
-        self.down_proj.forward(&(self.gate_proj.forward(x).silu() * self.up_proj.forward(x)))
-    }
-
-    pub(crate) fn load(l: &mut Loader<'_>, prefix: &str, h: i64, i: i64, bias: bool) -> Self {
-        Mlp {
-            gate_proj: Linear::load(l, &format!("{prefix}.gate_proj"), i, h, bias),
-            up_proj: Linear::load(l, &format!("{prefix}.up_proj"), i, h, bias),
-            down_proj: Linear::load(l, &format!("{prefix}.down_proj"), h, i, bias),
-        }
-    }
 }
 
 /// One pre-norm decoder layer.
@@ -121,14 +89,14 @@ impl DenseModel {
                 let p = format!("layers.{i}");
                 DenseLayer {
                     self_attn: SelfAttn {
-                        q_proj: Linear::load(&mut l, &format!("{p}.self_attn.q_proj"), nh * d, h, cfg.qkv_bias),
-                        k_proj: Linear::load(&mut l, &format!("{p}.self_attn.k_proj"), nkv * d, h, cfg.qkv_bias),
-                        v_proj: Linear::load(&mut l, &format!("{p}.self_attn.v_proj"), nkv * d, h, cfg.qkv_bias),
-                        o_proj: Linear::load(&mut l, &format!("{p}.self_attn.o_proj"), h, nh * d, cfg.o_bias),
+                        q_proj: load_linear(&mut l, &format!("{p}.self_attn.q_proj"), nh * d, h, cfg.qkv_bias),
+                        k_proj: load_linear(&mut l, &format!("{p}.self_attn.k_proj"), nkv * d, h, cfg.qkv_bias),
+                        v_proj: load_linear(&mut l, &format!("{p}.self_attn.v_proj"), nkv * d, h, cfg.qkv_bias),
+                        o_proj: load_linear(&mut l, &format!("{p}.self_attn.o_proj"), h, nh * d, cfg.o_bias),
                         q_norm: cfg.qk_norm.then(|| l.backbone(&format!("{p}.self_attn.q_norm.weight"), &[d])),
                         k_norm: cfg.qk_norm.then(|| l.backbone(&format!("{p}.self_attn.k_norm.weight"), &[d])),
                     },
-                    mlp: Mlp::load(&mut l, &format!("{p}.mlp"), h, cfg.intermediate_size, cfg.mlp_bias),
+                    mlp: load_mlp(&mut l, &format!("{p}.mlp"), h, cfg.intermediate_size, cfg.mlp_bias),
                     input_layernorm: l.backbone(&format!("{p}.input_layernorm.weight"), &[h]),
                     post_attention_layernorm: l.backbone(&format!("{p}.post_attention_layernorm.weight"), &[h]),
                 }
@@ -170,13 +138,14 @@ impl DenseModel {
         let (k, v) = match cache {
             None => (k, v),
             Some(slot) => {
-                let (k, v) = match slot.take() {
-                    None => (k, v),
-                    Some(LayerCache::Kv { k: pk, v: pv }) => (Tensor::cat(&[pk, k], 2), Tensor::cat(&[pv, v], 2)),
+                let past = match slot.take() {
+                    None => None,
+                    Some(LayerCache::Kv { k, v }) => Some((k, v)),
                     Some(LayerCache::Linear { .. }) => {
                         return Err(Error::Input("a linear-attention cache was passed to an attention layer".into()))
                     }
                 };
+                let (k, v) = append_kv(past.as_ref().map(|(pk, pv)| (pk, pv)), &k, &v);
                 *slot = Some(LayerCache::Kv { k: k.shallow_clone(), v: v.shallow_clone() });
                 (k, v)
             }

@@ -26,11 +26,11 @@
 
 use tch::{Kind, Tensor};
 
-use super::dense::{prepare, Linear, Mlp};
+use super::dense::{load_linear, load_mlp, prepare};
 use super::{Cache, ForwardInput, LayerCache, TargetModel, TargetOutput};
 use crate::config::{LayerType, LinearAttnConfig, TargetConfig};
 use crate::error::{Error, Result};
-use crate::nn::{apply_rotary, attention, rms_norm_zero_centred, Rotary};
+use crate::nn::{append_kv, apply_rotary, attention, rms_norm_zero_centred, Linear, Mlp, Rotary};
 use crate::weights::{Loader, WeightSource};
 
 /// Chunk length of the chunked delta rule (transformers' and FLA's default).
@@ -44,15 +44,6 @@ const DEFAULT_MROPE_SECTION: [i64; 3] = [11, 11, 10];
 
 /// Checkpoint prefixes that belong to other modules of a Qwen3.5 release.
 const IGNORED_PREFIXES: [&str; 2] = ["mtp.", "model.visual."];
-
-/// A bias-free or biased projection loaded from `{prefix}.weight` (`[out, in]`) and
-/// `{prefix}.bias` (`[out]`).
-fn load_linear(l: &mut Loader<'_>, prefix: &str, out: i64, inp: i64, bias: bool) -> Linear {
-    Linear {
-        weight: l.backbone(&format!("{prefix}.weight"), &[out, inp]),
-        bias: bias.then(|| l.backbone(&format!("{prefix}.bias"), &[out])),
-    }
-}
 
 /// Gated full attention of one `full_attention` layer (`layers.{i}.self_attn.*`).
 #[derive(Debug)]
@@ -200,7 +191,7 @@ impl Qwen35Model {
             };
             layers.push(Qwen35Layer {
                 mixer,
-                mlp: Mlp::load(&mut l, &format!("{p}.mlp"), h, cfg.intermediate_size, false),
+                mlp: load_mlp(&mut l, &format!("{p}.mlp"), h, cfg.intermediate_size, false),
                 input_layernorm: l.backbone(&format!("{p}.input_layernorm.weight"), &[h]),
                 post_attention_layernorm: l.backbone(&format!("{p}.post_attention_layernorm.weight"), &[h]),
             });
@@ -270,13 +261,14 @@ impl GatedAttention {
         let (k, v) = match cache {
             None => (k, v),
             Some(slot) => {
-                let (k, v) = match slot.take() {
-                    None => (k, v),
-                    Some(LayerCache::Kv { k: pk, v: pv }) => (Tensor::cat(&[pk, k], 2), Tensor::cat(&[pv, v], 2)),
+                let past = match slot.take() {
+                    None => None,
+                    Some(LayerCache::Kv { k, v }) => Some((k, v)),
                     Some(LayerCache::Linear { .. }) => {
                         return Err(Error::Input("a linear-attention cache was passed to a full-attention layer".into()))
                     }
                 };
+                let (k, v) = append_kv(past.as_ref().map(|(pk, pv)| (pk, pv)), &k, &v);
                 *slot = Some(LayerCache::Kv { k: k.shallow_clone(), v: v.shallow_clone() });
                 (k, v)
             }

@@ -1,6 +1,6 @@
 //! The draft vocabulary: the `Vd` target tokens the draft head predicts, chosen from loss-masked
-//! token frequencies (SpecForge `generate_vocab_mapping_file`, training-semantics §A.5), as the
-//! two tensors the serving engines read:
+//! token frequencies (SpecForge's `generate_vocab_mapping_file`), as the two tensors the serving
+//! engines read:
 //!
 //! - `d2t` `[Vd]` int64 offsets: target id = draft id + `d2t[draft id]` (non-decreasing, ≥ 0);
 //! - `t2d` `[V]` bool: whether a target id is in the draft vocabulary (exactly `Vd` trues).
@@ -19,7 +19,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::config::recipe::DEFAULT_DRAFT_VOCAB_SIZE;
 use crate::config::{DataConfig, TargetSpec};
-use crate::data::{dataset, Sample, Tokenizer};
+use crate::data::{stop_ids, Sample, Tokenizer};
 use crate::error::{Error, Result};
 use crate::extract::Chunk;
 use crate::runtime::{side_file, LoadedTarget, Runtime};
@@ -259,7 +259,7 @@ pub fn count_samples(samples: &[Sample], vocab_size: usize) -> Result<Vec<u64>> 
 /// chat template emits around turns (`<|im_start|>`, `<|im_end|>`, ...), found by rendering a
 /// probe conversation.
 pub fn forced_tokens(tok: &Tokenizer, eos_ids: &[i64]) -> Vec<i64> {
-    let mut set: BTreeSet<i64> = dataset::stop_ids(tok, eos_ids).into_iter().collect();
+    let mut set: BTreeSet<i64> = stop_ids(tok, eos_ids).into_iter().collect();
     let special: BTreeMap<i64, String> = tok.special_added_tokens().into_iter().collect();
     let probe = json!([
         {"role": "system", "content": "s"},

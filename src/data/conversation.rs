@@ -1,5 +1,7 @@
-//! Conversation datasets: JSONL in, validated conversations and tokenised samples with loss masks
-//! out, and a report of every line that was skipped and why.
+//! Conversations: the message types and the JSONL reader that validates dataset lines into them.
+//!
+//! Kept apart from tokenisation because `regenerate` and `import` read and write conversations
+//! without ever tokenising them.
 //!
 //! # Input
 //! One JSON object per line. The conversation is under `messages`, `conversations` or
@@ -10,25 +12,7 @@
 //! with an optional top-level `system`). An optional `id` (string or number) names the sample;
 //! without one it is `line-N`. Optional `tools` are passed to the chat template.
 //!
-//! # Loss mask
-//! Derived from the rendered chat template, per assistant turn `j` (the construction of
-//! vllm-project/speculators PR #774): render `messages[..j]` with the generation prompt (`P`) and
-//! `messages[..=j]` without it (`S`); the turn's span starts where the two stop agreeing and ends
-//! after the last end-of-turn token (`<|im_end|>`, the EOS, ...) inside `S`, so the assistant
-//! content *and* its end-of-turn token are supervised, while template glue after it (a trailing
-//! newline) and the assistant header are not. A token is masked in when its bytes overlap a span
-//! of the full rendering. Templates that are not prefix-stable (they rewrite earlier turns) fall
-//! back to locating each assistant content string in the full rendering.
-//!
-//! # Truncation policy (`--max-len`)
-//! [`Truncation::Truncate`] (default): a sample longer than `max_len` tokens keeps its first
-//! `max_len` tokens (as SpecForge does), and is kept only if at least one supervised token
-//! survives; otherwise the line is reported as `over_long`. [`Truncation::Drop`]: every sample
-//! longer than `max_len` is reported as `over_long` and skipped.
-//!
-//! # Bad lines
-//! A bad line is skipped and recorded ([`BadLine`]: 1-based line number, [`BadKind`], reason with
-//! the value seen). [`Report::check`] stops a run only when the bad fraction passes the threshold.
+//! A line that cannot be used is skipped and recorded in the [`Report`] (see [`super::report`]).
 
 use std::collections::HashSet;
 use std::io::BufRead;
@@ -37,172 +21,11 @@ use std::path::{Path, PathBuf};
 use rayon::prelude::*;
 use serde_json::{json, Value as Json};
 
-use super::template::RenderOptions;
-use super::tokenizer::Tokenizer;
+use super::report::{BadKind, LineError, Report};
 use crate::error::{Error, Result};
 
 /// A line longer than this (bytes) is reported as over-long without parsing it.
 pub const DEFAULT_MAX_LINE_BYTES: usize = 256 << 20;
-
-/// Why a line was skipped. The snake_case name is what the report writes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum BadKind {
-    /// The line is not valid UTF-8.
-    InvalidUtf8,
-    /// The line is not valid JSON.
-    InvalidJson,
-    /// The line is JSON but not an object.
-    NotAnObject,
-    /// No `messages` / `conversations` array.
-    NoConversation,
-    /// The conversation array is empty.
-    EmptyConversation,
-    /// A message has a role we do not know.
-    UnknownRole,
-    /// A message lacks its role or content, or has content of the wrong type.
-    BadMessage,
-    /// A content part of an unknown type.
-    UnknownPart,
-    /// An image path that does not exist.
-    MissingImage,
-    /// An image that cannot be used (bad data URI, not an image, remote URL).
-    BadImage,
-    /// Images given to a text-only target.
-    ImagesUnsupported,
-    /// An `id` seen on an earlier line.
-    DuplicateId,
-    /// Longer than the line limit or `--max-len` (see the truncation policy).
-    OverLong,
-    /// Nothing to train on (no assistant turn) or nothing to answer (no user turn).
-    NoAssistant,
-    /// The chat template refused the conversation.
-    Template,
-    /// The target produced NaN or inf features for it.
-    NonFinite,
-    /// A generation request that failed (`import`).
-    FailedResponse,
-}
-
-impl BadKind {
-    /// The report's name for the kind.
-    pub fn name(self) -> String {
-        serde_json::to_value(self).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default()
-    }
-}
-
-/// One skipped line.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct BadLine {
-    /// 1-based line number in the dataset file.
-    pub line: usize,
-    /// Why.
-    pub kind: BadKind,
-    /// Details, with the value seen.
-    pub reason: String,
-}
-
-/// What happened to a dataset's lines.
-#[derive(Debug, Clone, Default)]
-pub struct Report {
-    /// The dataset file.
-    pub path: PathBuf,
-    /// Non-blank lines read.
-    pub total: usize,
-    /// Lines skipped, in line order.
-    pub bad: Vec<BadLine>,
-    /// Lines kept but truncated to `--max-len`.
-    pub truncated: Vec<usize>,
-}
-
-impl Report {
-    /// Records a bad line.
-    pub fn push(&mut self, line: usize, kind: BadKind, reason: impl Into<String>) {
-        self.bad.push(BadLine { line, kind, reason: reason.into() });
-    }
-
-    /// Sorts entries by line (stages add entries out of order).
-    pub fn sort(&mut self) {
-        self.bad.sort_by_key(|b| b.line);
-        self.truncated.sort_unstable();
-    }
-
-    /// `bad / total` (0 for an empty file).
-    pub fn bad_fraction(&self) -> f64 {
-        if self.total == 0 {
-            0.0
-        } else {
-            self.bad.len() as f64 / self.total as f64
-        }
-    }
-
-    /// `kind: count` pairs, most frequent first.
-    pub fn counts(&self) -> Vec<(BadKind, usize)> {
-        let mut m = std::collections::BTreeMap::new();
-        for b in &self.bad {
-            *m.entry(b.kind).or_insert(0usize) += 1;
-        }
-        let mut v: Vec<_> = m.into_iter().collect();
-        v.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
-        v
-    }
-
-    /// One line for the log: `3 of 20 lines bad (invalid_json 2, unknown_role 1)`.
-    pub fn summary(&self) -> String {
-        let kinds: Vec<String> = self.counts().iter().map(|(k, n)| format!("{} {n}", k.name())).collect();
-        let mut s = format!("{}: {} of {} lines bad", self.path.display(), self.bad.len(), self.total);
-        if !kinds.is_empty() {
-            s.push_str(&format!(" ({})", kinds.join(", ")));
-        }
-        if !self.truncated.is_empty() {
-            s.push_str(&format!(", {} truncated to --max-len", self.truncated.len()));
-        }
-        s
-    }
-
-    /// Writes the report as JSONL, one `{"file", "line", "kind", "reason"}` per bad line, sorted
-    /// by line (atomically: temp file + rename).
-    pub fn write(&self, out: &Path) -> Result<()> {
-        let mut entries = self.bad.clone();
-        entries.sort_by_key(|b| b.line);
-        let mut text = String::new();
-        for b in &entries {
-            let v = json!({
-                "file": self.path.display().to_string(),
-                "line": b.line,
-                "kind": b.kind,
-                "reason": b.reason,
-            });
-            text.push_str(&v.to_string());
-            text.push('\n');
-        }
-        crate::util::fs::write_atomic(out, text.as_bytes())
-    }
-
-    /// Writes the report to `out` (when `write`: only rank 0 writes it), logs the summary, and
-    /// fails when the bad fraction passes `max_bad_fraction`.
-    ///
-    /// # Errors
-    /// [`Error::TooManyBadLines`] naming the file, the counts and the report.
-    pub fn check(&self, max_bad_fraction: f64, out: &Path, write: bool) -> Result<()> {
-        if write {
-            self.write(out)?;
-        }
-        if write && (!self.bad.is_empty() || !self.truncated.is_empty()) {
-            tracing::warn!("{}; details in {}", self.summary(), out.display());
-        }
-        if self.bad_fraction() > max_bad_fraction {
-            return Err(Error::TooManyBadLines {
-                path: self.path.clone(),
-                bad: self.bad.len(),
-                total: self.total,
-                threshold: max_bad_fraction,
-                report: out.to_path_buf(),
-            });
-        }
-        Ok(())
-    }
-}
 
 /// A conversation role, normalised.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -384,9 +207,6 @@ impl Default for ReadOptions {
     }
 }
 
-/// A line-level failure: the kind and the reason.
-type LineError = (BadKind, String);
-
 fn short(v: &Json) -> String {
     let s = v.to_string();
     if s.chars().count() > 60 {
@@ -397,40 +217,27 @@ fn short(v: &Json) -> String {
 }
 
 /// Decodes standard or URL-safe base64 (padding optional, whitespace ignored).
+///
+/// The URL-safe alphabet is used when the payload holds a `-` or `_`, the standard one otherwise.
+/// Non-zero bits in the last symbol are ignored, as the old hand-written decoder (and Python's
+/// `base64.b64decode`) ignored them.
+///
+/// # Errors
+/// The base64 crate's message (bad symbol and its offset in the payload without whitespace, bad
+/// length, bad padding).
 pub fn decode_base64(s: &str) -> std::result::Result<Vec<u8>, String> {
-    let mut out = Vec::with_capacity(s.len() * 3 / 4);
-    let mut acc = 0u32;
-    let mut bits = 0u32;
-    let mut seen_pad = false;
-    for (i, c) in s.bytes().enumerate() {
-        let v = match c {
-            b'A'..=b'Z' => c - b'A',
-            b'a'..=b'z' => c - b'a' + 26,
-            b'0'..=b'9' => c - b'0' + 52,
-            b'+' | b'-' => 62,
-            b'/' | b'_' => 63,
-            b'=' => {
-                seen_pad = true;
-                continue;
-            }
-            b' ' | b'\n' | b'\r' | b'\t' => continue,
-            _ => return Err(format!("invalid base64 byte {:?} at offset {i}", c as char)),
-        };
-        if seen_pad {
-            return Err(format!("base64 data after padding at offset {i}"));
-        }
-        acc = (acc << 6) | u32::from(v);
-        bits += 6;
-        if bits >= 8 {
-            bits -= 8;
-            out.push((acc >> bits) as u8);
-            acc &= (1 << bits) - 1;
-        }
-    }
-    if bits >= 6 {
-        return Err("truncated base64 data".into());
-    }
-    Ok(out)
+    use base64::alphabet;
+    use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
+    use base64::Engine as _;
+
+    const CONFIG: GeneralPurposeConfig =
+        GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent).with_decode_allow_trailing_bits(true);
+    const STANDARD: GeneralPurpose = GeneralPurpose::new(&alphabet::STANDARD, CONFIG);
+    const URL_SAFE: GeneralPurpose = GeneralPurpose::new(&alphabet::URL_SAFE, CONFIG);
+
+    let compact: Vec<u8> = s.bytes().filter(|c| !matches!(c, b' ' | b'\n' | b'\r' | b'\t')).collect();
+    let engine = if compact.iter().any(|&c| c == b'-' || c == b'_') { &URL_SAFE } else { &STANDARD };
+    engine.decode(&compact).map_err(|e| format!("invalid base64: {e}"))
 }
 
 /// The image format of `head`, from its magic bytes.
@@ -606,7 +413,7 @@ pub fn parse_line(text: &str, line: usize, base: &Path) -> std::result::Result<C
 }
 
 /// Reads a JSONL dataset. Blank lines are ignored (not counted); every other line either becomes
-/// a [`Conversation`] or a [`BadLine`] in the report.
+/// a [`Conversation`] or a [`BadLine`](super::BadLine) in the report.
 ///
 /// # Errors
 /// Only when the file cannot be read; bad content never fails here.
@@ -663,261 +470,6 @@ pub fn read_jsonl(path: &Path, opts: &ReadOptions) -> Result<(Vec<Conversation>,
     Ok((convs, report))
 }
 
-/// What to do with samples longer than `--max-len`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Truncation {
-    /// Keep the first `max_len` tokens if a supervised token survives; else report `over_long`.
-    #[default]
-    Truncate,
-    /// Report every over-long sample as `over_long` and skip it.
-    Drop,
-}
-
-/// How conversations become samples.
-#[derive(Debug, Clone)]
-pub struct TokenizeOptions {
-    /// Longest sample in tokens.
-    pub max_len: usize,
-    /// Over-long policy.
-    pub truncation: Truncation,
-    /// Whether the target takes images (text-only targets report `images_unsupported`).
-    pub multimodal: bool,
-    /// Extra template variables (`enable_thinking`, ...).
-    pub template_vars: serde_json::Map<String, Json>,
-}
-
-impl Default for TokenizeOptions {
-    fn default() -> Self {
-        TokenizeOptions { max_len: 2048, truncation: Truncation::Truncate, multimodal: false, template_vars: serde_json::Map::new() }
-    }
-}
-
-/// A tokenised training sample.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Sample {
-    /// Position among the dataset's usable samples (line order after filtering).
-    pub index: usize,
-    /// 1-based line in the source file.
-    pub line: usize,
-    /// The sample id.
-    pub id: String,
-    /// Token ids `[T]`.
-    pub input_ids: Vec<i64>,
-    /// `[T]`: 1 on assistant tokens (content and end-of-turn token), 0 elsewhere.
-    pub loss_mask: Vec<u8>,
-    /// Whether `--max-len` cut it.
-    pub truncated: bool,
-}
-
-/// End-of-turn strings used to close assistant spans: the tokenizer's EOS, the tokens of the
-/// config's EOS ids, and the usual chat end-of-turn tokens the vocabulary has.
-pub fn stop_strings(tok: &Tokenizer, eos_ids: &[i64]) -> Vec<String> {
-    let mut v: Vec<String> = Vec::new();
-    let mut add = |s: String| {
-        if !s.is_empty() && !v.contains(&s) {
-            v.push(s);
-        }
-    };
-    if let Some(e) = &tok.eos_token {
-        add(e.clone());
-    }
-    for &id in eos_ids {
-        if let Some(s) = tok.id_to_token(id) {
-            add(s);
-        }
-    }
-    for s in ["<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "</s>", "<|end_of_text|>"] {
-        if tok.token_to_id(s).is_some() {
-            add(s.to_string());
-        }
-    }
-    v
-}
-
-/// Token ids of the stop strings (for generation).
-pub fn stop_ids(tok: &Tokenizer, eos_ids: &[i64]) -> Vec<i64> {
-    let mut ids: Vec<i64> = eos_ids.to_vec();
-    for s in stop_strings(tok, eos_ids) {
-        if let Some(id) = tok.token_to_id(&s) {
-            if !ids.contains(&id) {
-                ids.push(id);
-            }
-        }
-    }
-    ids
-}
-
-/// Length of the longest common prefix of `a` and `b`, on a char boundary.
-fn common_prefix(a: &str, b: &str) -> usize {
-    let mut n = 0;
-    for ((i, ca), cb) in a.char_indices().zip(b.chars()) {
-        if ca != cb {
-            return i;
-        }
-        n = i + ca.len_utf8();
-    }
-    n
-}
-
-/// Byte spans of the assistant turns in the full rendering of `messages`.
-fn assistant_spans(
-    tok: &Tokenizer,
-    messages: &[Json],
-    tools: Option<&Json>,
-    vars: &serde_json::Map<String, Json>,
-    stops: &[String],
-    full: &str,
-) -> std::result::Result<Vec<(usize, usize)>, LineError> {
-    let render = |msgs: &[Json], gen: bool| {
-        tok.apply_chat_template_with(
-            &Json::Array(msgs.to_vec()),
-            RenderOptions { add_generation_prompt: gen, tools: tools.cloned(), extra: vars.clone(), ..Default::default() },
-        )
-        .map_err(|e| (BadKind::Template, e.to_string()))
-    };
-    let mut spans = Vec::new();
-    let mut cursor = 0usize;
-    for (j, m) in messages.iter().enumerate() {
-        if m.get("role").and_then(Json::as_str) != Some("assistant") {
-            continue;
-        }
-        let p = render(&messages[..j], true)?;
-        let s = render(&messages[..=j], false)?;
-        let start = common_prefix(&p, &s);
-        let turn = &s[start..];
-        let end =
-            stops.iter().filter_map(|st| turn.rfind(st.as_str()).map(|i| i + st.len())).max().unwrap_or_else(|| turn.trim_end().len());
-        let (start, end) = (start, start + end);
-        if full.as_bytes().starts_with(&s.as_bytes()[..end]) && start >= cursor {
-            spans.push((start, end));
-            cursor = end;
-            continue;
-        }
-        // Not prefix-stable (the template rewrites earlier turns): find the content itself.
-        let content = m.get("content").and_then(Json::as_str).unwrap_or("");
-        let Some(pos) = full[cursor..].find(content).map(|p| p + cursor) else {
-            return Err((
-                BadKind::Template,
-                format!("assistant turn {j} cannot be located in the rendered conversation (the template changes it)"),
-            ));
-        };
-        let mut e = pos + content.len();
-        if let Some(st) = stops.iter().find(|st| full[e..].starts_with(st.as_str())) {
-            e += st.len();
-        }
-        spans.push((pos, e));
-        cursor = e;
-    }
-    Ok(spans)
-}
-
-/// Renders and tokenises one conversation. Returns `(input_ids, loss_mask)` before truncation.
-///
-/// # Errors
-/// The [`BadKind`] (`template`, `images_unsupported`) and the reason.
-pub fn tokenize_conversation(
-    tok: &Tokenizer,
-    conv: &Conversation,
-    opts: &TokenizeOptions,
-    stops: &[String],
-) -> std::result::Result<(Vec<i64>, Vec<u8>), (BadKind, String)> {
-    if conv.has_images() && !opts.multimodal {
-        return Err((BadKind::ImagesUnsupported, "the conversation has images but the target is text-only".into()));
-    }
-    let messages = conv.template_messages();
-    let full = tok
-        .apply_chat_template_with(
-            &Json::Array(messages.clone()),
-            RenderOptions {
-                add_generation_prompt: false,
-                tools: conv.tools.clone(),
-                extra: opts.template_vars.clone(),
-                ..Default::default()
-            },
-        )
-        .map_err(|e| (BadKind::Template, e.to_string()))?;
-    let spans = assistant_spans(tok, &messages, conv.tools.as_ref(), &opts.template_vars, stops, &full)?;
-    let (ids, offsets) = tok.encode_with_offsets(&full).map_err(|e| (BadKind::Template, e.to_string()))?;
-    let mut mask = vec![0u8; ids.len()];
-    let mut s = 0usize;
-    for (i, &(a, b)) in offsets.iter().enumerate() {
-        if b <= a {
-            continue;
-        }
-        while s < spans.len() && spans[s].1 <= a {
-            s += 1;
-        }
-        if s < spans.len() && spans[s].0 < b {
-            mask[i] = 1;
-        }
-    }
-    Ok((ids, mask))
-}
-
-/// Tokenises conversations into samples (in parallel, order kept), recording bad ones in
-/// `report`. Conversations without an assistant turn are `no_assistant`.
-pub fn tokenize(convs: &[Conversation], tok: &Tokenizer, eos_ids: &[i64], opts: &TokenizeOptions, report: &mut Report) -> Vec<Sample> {
-    let stops = stop_strings(tok, eos_ids);
-    type Tokenised = std::result::Result<(Vec<i64>, Vec<u8>, bool), LineError>;
-    let results: Vec<Tokenised> = convs
-        .par_iter()
-        .map(|c| {
-            if !c.messages.iter().any(|m| m.role == Role::Assistant) {
-                return Err((BadKind::NoAssistant, "no assistant turn: nothing to train on (run `regenerate` first)".into()));
-            }
-            let (mut ids, mut mask) = tokenize_conversation(tok, c, opts, &stops)?;
-            let n = ids.len();
-            let mut truncated = false;
-            if n > opts.max_len {
-                let kept = mask[..opts.max_len].iter().map(|&m| m as usize).sum::<usize>();
-                if opts.truncation == Truncation::Drop || kept == 0 {
-                    let why = if opts.truncation == Truncation::Drop {
-                        "--truncation drop"
-                    } else {
-                        "no assistant token would survive truncation"
-                    };
-                    return Err((BadKind::OverLong, format!("{n} tokens, above --max-len {} ({why})", opts.max_len)));
-                }
-                ids.truncate(opts.max_len);
-                mask.truncate(opts.max_len);
-                truncated = true;
-            }
-            if mask.iter().all(|&m| m == 0) {
-                return Err((BadKind::NoAssistant, "no assistant token after rendering".into()));
-            }
-            Ok((ids, mask, truncated))
-        })
-        .collect();
-    let mut out = Vec::with_capacity(convs.len());
-    for (c, r) in convs.iter().zip(results) {
-        match r {
-            Ok((input_ids, loss_mask, truncated)) => {
-                if truncated {
-                    report.truncated.push(c.line);
-                }
-                out.push(Sample { index: out.len(), line: c.line, id: c.id.clone(), input_ids, loss_mask, truncated });
-            }
-            Err((k, r)) => report.push(c.line, k, r),
-        }
-    }
-    report.sort();
-    out
-}
-
-/// Reads and tokenises a dataset in one go: [`read_jsonl`] then [`tokenize`].
-pub fn load_samples(
-    path: &Path,
-    tok: &Tokenizer,
-    eos_ids: &[i64],
-    read: &ReadOptions,
-    opts: &TokenizeOptions,
-) -> Result<(Vec<Sample>, Report)> {
-    let (convs, mut report) = read_jsonl(path, read)?;
-    let samples = tokenize(&convs, tok, eos_ids, opts, &mut report);
-    Ok((samples, report))
-}
-
 /// The xxh3-64 of a file's bytes, streamed (identifies a dataset in manifests and resumes).
 pub fn file_hash(path: &Path) -> Result<String> {
     let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
@@ -943,6 +495,13 @@ mod tests {
         assert_eq!(decode_base64("aGVsbG8").unwrap(), b"hello");
         assert!(decode_base64("aGV$bG8=").is_err());
         assert!(decode_base64("a").is_err());
+        // URL-safe alphabet, whitespace, unpadded and padded forms.
+        assert_eq!(decode_base64("-_8=").unwrap(), [0xfb, 0xff]);
+        assert_eq!(decode_base64("+/8").unwrap(), [0xfb, 0xff]);
+        assert_eq!(decode_base64(" aGVs\nbG8=\r\n").unwrap(), b"hello");
+        // Non-zero trailing bits are ignored; data after padding is refused.
+        assert_eq!(decode_base64("aGVsbG9").unwrap(), b"hello");
+        assert!(decode_base64("aGVs=bG8").is_err());
     }
 
     #[test]
@@ -961,12 +520,5 @@ mod tests {
         let e = parse_line(r#"{"messages": [{"role": "wizard", "content": "x"}]}"#, 1, Path::new(".")).unwrap_err();
         assert_eq!(e.0, BadKind::UnknownRole);
         assert!(e.1.contains("wizard"), "{}", e.1);
-    }
-
-    #[test]
-    fn common_prefix_on_char_boundary() {
-        assert_eq!(common_prefix("abé", "abè"), 2);
-        assert_eq!(common_prefix("abc", "abc"), 3);
-        assert_eq!(common_prefix("", "x"), 0);
     }
 }
