@@ -80,11 +80,11 @@ pub fn run(a: SelftestArgs, rt: &crate::runtime::Runtime) -> anyhow::Result<()> 
     let device = if a.cuda {
         match pg.cuda_device() {
             Some(d) => d,
-            None if world == 1 && tch::Cuda::is_available() => Device::Cuda(0),
+            None if world == 1 && rt.device.is_cuda() => rt.device,
             None => bail!(
                 "rank {rank}: --cuda, but the group has no NCCL backend (built without the \
-                 `nccl` feature, or no GPU visible: CUDA available = {})",
-                tch::Cuda::is_available()
+                 `nccl` feature, or no GPU visible: this rank's device is {})",
+                rt.device_name()
             ),
         }
     } else {

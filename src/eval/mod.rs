@@ -138,10 +138,7 @@ impl<'a> SpecDecoder<'a> {
         let (cos, sin) = d.rope(&pos, kind);
         let past = state.as_ref().map(|s| (&s.k, &s.v));
         let (out, k, v) = d.step_cached(&emb, &hidden, &cos, &sin, past);
-        let (k, v) = match state {
-            Some(s) => (Tensor::cat(&[s.k, k], 2), Tensor::cat(&[s.v, v], 2)),
-            None => (k, v),
-        };
+        let (k, v) = crate::nn::append_kv(past, &k, &v);
         Ok(DraftState { k, v, last_post: out.post.narrow(1, n - 1, 1), last_out: out.out.narrow(1, n - 1, 1) })
     }
 
@@ -166,8 +163,7 @@ impl<'a> SpecDecoder<'a> {
             let pos = Tensor::from_slice(&[anchor + j]).view([1, 1]).to_device(self.device);
             let (cos, sin) = d.rope(&pos, kind);
             let (out, kj, vj) = d.step_cached(&emb, &hidden, &cos, &sin, Some((&keys, &values)));
-            keys = Tensor::cat(&[keys, kj], 2);
-            values = Tensor::cat(&[values, vj], 2);
+            (keys, values) = crate::nn::append_kv(Some((&keys, &values)), &kj, &vj);
             drafts.push(self.argmax_target_id(&out.post));
             hidden = out.next_hidden(d.cfg.norm_output).shallow_clone();
         }

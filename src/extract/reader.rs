@@ -28,7 +28,7 @@ use safetensors::tensor::Dtype;
 use tch::{Device, Kind, Tensor};
 
 use super::manifest::{Manifest, MANIFEST};
-use super::writer::kind_from_name;
+use crate::config::StoreDtype;
 use crate::error::{Error, Result};
 use crate::weights::SafetensorsFile;
 
@@ -98,8 +98,9 @@ impl Chunk {
     pub fn open(dir: &Path) -> Result<Chunk> {
         let mpath = dir.join(MANIFEST);
         let manifest = Manifest::read(&mpath)?;
-        let kind = kind_from_name(&manifest.dtype)
-            .ok_or_else(|| Error::config(&mpath, "dtype", format!("is `{}`, expected bf16, f16 or f32", manifest.dtype)))?;
+        let kind = <StoreDtype as clap::ValueEnum>::from_str(&manifest.dtype, false)
+            .map(StoreDtype::kind)
+            .map_err(|_| Error::config(&mpath, "dtype", format!("is `{}`, expected bf16, f16 or f32", manifest.dtype)))?;
         if !manifest.complete {
             tracing::warn!(
                 dir = %dir.display(),

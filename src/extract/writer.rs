@@ -50,16 +50,6 @@ pub fn dtype_name(kind: Kind) -> &'static str {
     }
 }
 
-/// The kind of a manifest dtype name.
-pub fn kind_from_name(name: &str) -> Option<Kind> {
-    Some(match name {
-        "bf16" | "bfloat16" => Kind::BFloat16,
-        "f16" | "float16" => Kind::Half,
-        "f32" | "float32" => Kind::Float,
-        _ => return None,
-    })
-}
-
 /// Bytes one token takes in a shard: id (8) + mask (1) + (A + 1) · H features.
 pub fn bytes_per_token(num_aux: usize, hidden: i64, store: Kind) -> u64 {
     9 + (num_aux as u64 + 1) * hidden as u64 * store.elt_size_in_bytes() as u64
