@@ -310,4 +310,18 @@ fn kill_9_during_regenerate_then_rerun_equals_uninterrupted() {
     let o = run(&argv.iter().map(String::as_str).collect::<Vec<_>>());
     let e = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && e.contains("meta.max_new_tokens"), "{e}");
+    // What regenerate did not write is never truncated, appended to or taken as done: a file with
+    // no newline, lines without its `meta`, and the input itself.
+    let notes = tmp.path().join("notes.txt");
+    let foreign = tmp.path().join("foreign.jsonl");
+    std::fs::write(&notes, "my notes, no newline").unwrap();
+    std::fs::write(&foreign, "{\"id\":\"line-1\",\"messages\":[]}\n").unwrap();
+    for (out, what) in [(&notes, "no newline"), (&foreign, "no `meta`"), (&prompts, "is the input")] {
+        let before = std::fs::read(out).unwrap();
+        let argv = args(out.to_str().unwrap(), "10");
+        let o = run(&argv.iter().map(String::as_str).collect::<Vec<_>>());
+        let e = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && e.contains(what), "{}: {e}", out.display());
+        assert!(std::fs::read(out).unwrap() == before, "{} was modified", out.display());
+    }
 }

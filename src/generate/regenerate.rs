@@ -68,6 +68,13 @@ pub fn run_on(target: &LoadedTarget, job: &RegenerateJob, rt: &Runtime) -> Resul
     if let Some(n) = job.dataset.limit {
         convs.truncate(n);
     }
+    if same_file(&job.data, &job.out) {
+        return Err(Error::config(
+            "regenerate",
+            "out",
+            format!("{} is the input (--data) itself: the answers go to a new file", job.out.display()),
+        ));
+    }
     let report_path = job.report.clone().unwrap_or_else(|| side_file(&job.out, ".bad-lines.jsonl"));
     let d = &job.decode;
     let opts = RegenerateOptions {
@@ -88,6 +95,14 @@ pub fn run_on(target: &LoadedTarget, job: &RegenerateJob, rt: &Runtime) -> Resul
         return Err(Error::Input(format!("{}: nothing was regenerated (see {})", job.data.display(), report_path.display())));
     }
     Ok(stats)
+}
+
+/// Whether two paths name one existing file (through links and relative spellings).
+fn same_file(a: &Path, b: &Path) -> bool {
+    match (std::fs::canonicalize(a), std::fs::canonicalize(b)) {
+        (Ok(x), Ok(y)) => x == y,
+        _ => false,
+    }
 }
 
 /// How to regenerate.
@@ -178,6 +193,15 @@ fn read_done(out: &Path, want_meta: &Json) -> Result<Vec<(String, String)>> {
         }
         n += 1;
         if line.last() != Some(&b'\n') {
+            // Only a line we were writing when killed may be cut: it starts as every line we
+            // write does. Anything else is someone's file.
+            if !line.starts_with(b"{\"id\"") {
+                return Err(Error::Dataset {
+                    path: out.to_path_buf(),
+                    line: n,
+                    message: "the last line has no newline and is not a line `regenerate` writes: this file is not its output; refusing to modify it (choose another --out)".into(),
+                });
+            }
             tracing::warn!(file = %out.display(), line = n, "dropping a torn last line (interrupted write)");
             break;
         }
@@ -192,7 +216,14 @@ fn read_done(out: &Path, want_meta: &Json) -> Result<Vec<(String, String)>> {
             line: n,
             message: "no string `id`".into(),
         })?;
-        if let (Some(have), Some(want)) = (v.get("meta"), want_meta.as_object()) {
+        let Some(have) = v.get("meta") else {
+            return Err(Error::Dataset {
+                path: out.to_path_buf(),
+                line: n,
+                message: "has no `meta`: this file is not the output of `regenerate`; refusing to append to it (choose another --out)".into(),
+            });
+        };
+        if let Some(want) = want_meta.as_object() {
             for (k, w) in want {
                 if have.get(k) != Some(w) {
                     return Err(Error::config(

@@ -1,8 +1,10 @@
 //! Training checkpoints: atomic directories `run/checkpoints/step-NNNNNNNN/` holding the draft
 //! (fp32, export names), the optimizer state, the trainer state (step, epoch, data position,
 //! counters) and the resolved recipe; `run/checkpoints/latest` names the newest; the last N are
-//! kept. A directory is written under a temporary name and renamed into place, so a kill at any
-//! moment leaves either the previous checkpoint or the new one, never half of one.
+//! kept. A directory is written under a temporary name (every file fsynced) and renamed into
+//! place, the rename and the `latest` switch made durable before older checkpoints are pruned, so
+//! a kill or a power cut at any moment leaves the previous checkpoint or the new one, never half
+//! of one; and should the newest be damaged anyway, [`latest`] falls back to the newest intact.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -90,17 +92,60 @@ fn prune(root: &Path, keep: usize) -> Result<()> {
     Ok(())
 }
 
-/// The newest complete checkpoint of a run, if any.
+/// The newest intact checkpoint of a run, if any: the one `latest` names, or, when that one is
+/// missing, unreadable or truncated (reported), the newest `step-*` directory that is intact.
+/// Export and resume both go through here, so a damaged last checkpoint costs the steps since the
+/// one before it, not the run.
+///
+/// # Errors
+/// Checkpoints exist but none is intact: each is named with what is wrong with it.
 pub fn latest(run_dir: &Path) -> Result<Option<Checkpoint>> {
     let root = run_dir.join("checkpoints");
-    let pointer = root.join("latest");
-    if !pointer.exists() {
+    if !root.is_dir() {
         return Ok(None);
     }
-    let name = std::fs::read_to_string(&pointer).map_err(|e| Error::io(&pointer, e))?;
-    let dir = root.join(name.trim());
+    let mut names: Vec<String> = std::fs::read_dir(&root)
+        .map_err(|e| Error::io(&root, e))?
+        .filter_map(|e| e.ok().and_then(|e| e.file_name().into_string().ok()))
+        .filter(|n| n.starts_with("step-"))
+        .collect();
+    names.sort_unstable_by(|a, b| b.cmp(a));
+    if let Ok(pointed) = std::fs::read_to_string(root.join("latest")) {
+        let pointed = pointed.trim().to_string();
+        names.retain(|n| *n != pointed);
+        names.insert(0, pointed);
+    }
+    let mut problems = Vec::new();
+    for name in names {
+        let dir = root.join(&name);
+        match intact(&dir) {
+            Ok(state) => {
+                if !problems.is_empty() {
+                    tracing::warn!("using checkpoint {} because newer ones are unusable: {}", dir.display(), problems.join("; "));
+                }
+                return Ok(Some(Checkpoint { dir, state }));
+            }
+            Err(e) => problems.push(format!("{}: {e}", dir.display())),
+        }
+    }
+    if problems.is_empty() {
+        return Ok(None);
+    }
+    Err(Error::Input(format!("no intact checkpoint in {}: {}", root.display(), problems.join("; "))))
+}
+
+/// A checkpoint's state, once its files are all there and readable (safetensors headers and sizes
+/// checked, the state parsed).
+fn intact(dir: &Path) -> Result<TrainState> {
     let state: TrainState = read_json(&dir.join("state.json"))?;
-    Ok(Some(Checkpoint { dir, state }))
+    for f in ["model.safetensors", "optimizer.safetensors"] {
+        SafetensorsFile::open(&dir.join(f))?;
+    }
+    let recipe = dir.join("recipe.toml");
+    if !recipe.is_file() {
+        return Err(Error::Input(format!("{} is missing", recipe.display())));
+    }
+    Ok(state)
 }
 
 /// The head directory a path names: a head itself (`model.safetensors` inside), or a run
@@ -119,4 +164,62 @@ pub fn head_dir(p: &Path) -> Result<PathBuf> {
 pub fn optimizer_state(dir: &Path) -> Result<BTreeMap<String, Tensor>> {
     let f = SafetensorsFile::open(&dir.join("optimizer.safetensors"))?;
     f.names().map(|n| Ok((n.to_string(), f.tensor(n)?))).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use tch::{Device, Kind, Tensor};
+
+    use super::*;
+    use crate::draft::{Eagle3Config, Eagle3Draft};
+
+    fn tiny() -> Eagle3Draft {
+        let cfg = Eagle3Config {
+            hidden_size: 16,
+            target_hidden_size: 16,
+            num_attention_heads: 2,
+            num_key_value_heads: 1,
+            head_dim: 8,
+            intermediate_size: 24,
+            rms_norm_eps: 1e-6,
+            rope_theta: 10000.0,
+            max_position_embeddings: 4096,
+            vocab_size: 40,
+            draft_vocab_size: 10,
+            aux_layer_ids: vec![1, 2, 3],
+            fc_norm: false,
+            norm_output: false,
+            norm_before_fc: false,
+        };
+        let t2d = Tensor::zeros([40], (Kind::Bool, Device::Cpu));
+        let _ = t2d.narrow(0, 3, 10).fill_(1);
+        Eagle3Draft::new(cfg, &t2d, Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn a_damaged_latest_checkpoint_falls_back_to_the_newest_intact() {
+        let run = tempfile::tempdir().unwrap();
+        let draft = tiny();
+        let opt = vec![("m".to_string(), Tensor::ones([3], (Kind::Float, Device::Cpu)))];
+        for step in 1..=3 {
+            let state = TrainState { step, ..Default::default() };
+            save(run.path(), &state, &draft, &opt, "recipe", 5).unwrap();
+        }
+        assert_eq!(latest(run.path()).unwrap().unwrap().state.step, 3);
+        let root = run.path().join("checkpoints");
+        // A truncated head in the newest: the one before is used (export and resume alike).
+        let head = root.join("step-00000003/model.safetensors");
+        let bytes = std::fs::read(&head).unwrap();
+        std::fs::write(&head, &bytes[..bytes.len() / 2]).unwrap();
+        assert_eq!(latest(run.path()).unwrap().unwrap().state.step, 2);
+        assert!(head_dir(run.path()).unwrap().ends_with("step-00000002"));
+        // A missing state file, likewise; and a lost `latest` pointer is no reason to start over.
+        std::fs::remove_file(root.join("step-00000002/state.json")).unwrap();
+        std::fs::remove_file(root.join("latest")).unwrap();
+        assert_eq!(latest(run.path()).unwrap().unwrap().state.step, 1);
+        // None intact: an error naming each.
+        std::fs::remove_file(root.join("step-00000001/optimizer.safetensors")).unwrap();
+        let e = latest(run.path()).err().unwrap().to_string();
+        assert!(e.contains("step-00000001") && e.contains("step-00000002") && e.contains("step-00000003"), "{e}");
+    }
 }
