@@ -159,6 +159,21 @@ fn run_resumes_after_kill9_at_three_stages() {
     }
 }
 
+/// `run` never works in a directory it did not make: a non-empty one without its recipe is refused
+/// before anything is loaded, and left as it was.
+#[test]
+fn run_refuses_a_foreign_non_empty_directory() {
+    use specforge_rs::config::recipe::Recipe;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("precious.txt"), "mine").unwrap();
+    let text = format!("[data]\npath = {:?}\n", root().join("data/prompts-train.jsonl").to_str().unwrap());
+    let r = Recipe::parse(&text, Path::new("r.toml"), &[]).unwrap();
+    let err = specforge_rs::pipeline::run(&r, dir.path(), &specforge_rs::runtime::Runtime::cpu()).unwrap_err().to_string();
+    assert!(err.contains("not a run directory"), "{err}");
+    let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(names, ["precious.txt"]);
+}
+
 /// Every shipped recipe parses strictly; one whose target is not implemented stops at once.
 #[test]
 fn shipped_recipes_parse_and_unimplemented_targets_fail_at_once() {

@@ -139,10 +139,20 @@ pub fn run(recipe: &Recipe, run_dir: &Path, rt: &Runtime) -> Result<RunSummary> 
         )));
     }
     let data_path = recipe.data.path.clone().ok_or_else(|| Error::config("recipe", "data.path", "is required by `run`"))?;
+    // A run deletes what it extracted under its directory: never in a directory it did not make.
+    let recipe_path = run_dir.join("recipe.toml");
+    if run_dir.exists() && !recipe_path.is_file() {
+        let mut entries = std::fs::read_dir(run_dir).map_err(|e| Error::io(run_dir, e))?;
+        if entries.next().is_some() {
+            return Err(Error::Input(format!(
+                "{} is not empty and is not a run directory (no recipe.toml): give `run` a new or empty --out",
+                run_dir.display()
+            )));
+        }
+    }
     std::fs::create_dir_all(run_dir).map_err(|e| Error::io(run_dir, e))?;
     // A run directory belongs to one recipe: resuming with another would mix two runs.
     let recipe_toml = recipe.to_toml();
-    let recipe_path = run_dir.join("recipe.toml");
     if recipe_path.exists() {
         let old = crate::error::read_to_string(&recipe_path)?;
         if old != recipe_toml {
@@ -333,9 +343,11 @@ impl<'a> Rolling<'a> {
         }
         let dir = self.dir(e);
         if self.root.exists() {
+            // Only chunk directories this run names (a symlink is removed, never followed).
             for entry in std::fs::read_dir(&self.root).map_err(|e| Error::io(&self.root, e))? {
                 let p = entry.map_err(|e| Error::io(&self.root, e))?.path();
-                if p != dir {
+                let ours = p.file_name().and_then(|n| n.to_str()).is_some_and(is_chunk_dir_name);
+                if p != dir && ours {
                     std::fs::remove_dir_all(&p).map_err(|e| Error::io(&p, e))?;
                 }
             }
@@ -348,6 +360,14 @@ impl<'a> Rolling<'a> {
         *self.open.borrow_mut() = Some((e, chunks.clone()));
         Ok(chunks)
     }
+}
+
+/// `epoch-EEE-chunk-CCCCC`, the names [`Rolling::dir`] gives.
+fn is_chunk_dir_name(name: &str) -> bool {
+    let digits = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_digit());
+    name.strip_prefix("epoch-")
+        .and_then(|r| r.split_once("-chunk-"))
+        .is_some_and(|(e, c)| digits(e, 3) && digits(c, 5))
 }
 
 impl MicroBatches for Rolling<'_> {
@@ -377,5 +397,16 @@ impl MicroBatches for Rolling<'_> {
             std::fs::remove_dir_all(&dir).map_err(|err| Error::io(&dir, err))?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn only_chunk_directory_names_are_ours() {
+        assert!(super::is_chunk_dir_name("epoch-000-chunk-00001"));
+        for other in ["epoch-000-chunk-0001", "notes", "epoch-00a-chunk-00001", "epoch-000-chunk-00001x", ""] {
+            assert!(!super::is_chunk_dir_name(other), "{other}");
+        }
     }
 }
