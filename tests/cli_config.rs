@@ -119,3 +119,21 @@ fn an_empty_recipe_section_is_the_empty_command_line() {
     same::<EvalConfig>();
     same::<ExportConfig>();
 }
+
+/// Numbers a flag accepts but a stage cannot honour end in an error naming the flag, never a
+/// panic (exit code 101) or an allocation of the asked size.
+#[test]
+fn absurd_decoding_numbers_are_refused_by_name() {
+    let cases: [(&[&str], &str); 5] = [
+        (&["generate", "--prompt", "hi", "--max-new-tokens", "18446744073709551615"], "max_new_tokens"),
+        (&["generate", "--prompt", "hi", "--max-new-tokens", "0"], "max_new_tokens"),
+        (&["generate", "--prompt", "hi", "--top-p", "0"], "top_p"),
+        (&["generate", "--prompt", "hi", "--top-p", "1.5"], "top_p"),
+        (&["generate", "--prompt", "hi", "--temperature=-1"], "temperature"),
+    ];
+    for (args, field) in cases {
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_specforge-rs")).args(args).output().unwrap();
+        let e = String::from_utf8_lossy(&o.stderr);
+        assert!(o.status.code() == Some(1) && e.contains(field), "{args:?}: {:?} {e}", o.status.code());
+    }
+}

@@ -252,6 +252,16 @@ pub fn resolve_aux_ids(ids: &[i64], num_layers: i64) -> Vec<i64> {
     v
 }
 
+/// New tokens per answer at most: beyond any context window a target has.
+pub const MAX_NEW_TOKENS: usize = 1 << 20;
+
+fn check_new_tokens(n: usize) -> std::result::Result<(), (&'static str, String)> {
+    if n == 0 || n > MAX_NEW_TOKENS {
+        return Err(("max_new_tokens", format!("must be in 1..={MAX_NEW_TOKENS}, got {n}")));
+    }
+    Ok(())
+}
+
 impl RegenerateConfig {
     /// Checks the values a command line or a recipe can get wrong: (field, problem).
     pub fn validate(&self) -> std::result::Result<(), (&'static str, String)> {
@@ -264,7 +274,7 @@ impl RegenerateConfig {
         if self.batch_size == 0 {
             return Err(("batch_size", "must be at least 1, got 0".into()));
         }
-        Ok(())
+        check_new_tokens(self.max_new_tokens)
     }
 }
 
@@ -274,7 +284,7 @@ impl EvalConfig {
         if self.k == 0 {
             return Err(("k", "must be at least 1, got 0".into()));
         }
-        Ok(())
+        check_new_tokens(self.max_new_tokens)
     }
 }
 

@@ -184,7 +184,7 @@ pub fn generate(model: &dyn TargetModel, prompts: &[Vec<i64>], opts: &GenerateOp
     let mut cache = Cache::new(model.config().num_hidden_layers);
     let stop = Tensor::from_slice(&opts.stop_ids).to_device(device);
     let mut done = Tensor::zeros([b], (Kind::Bool, device));
-    let mut out: Vec<Tensor> = Vec::with_capacity(opts.max_new_tokens);
+    let mut out: Vec<Tensor> = Vec::with_capacity(opts.max_new_tokens.min(4096));
     let mut next_input = input_ids;
     tch::no_grad(|| -> Result<()> {
         for _ in 0..opts.max_new_tokens {
