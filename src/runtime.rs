@@ -18,8 +18,8 @@ use clap::Args;
 use tch::{Device, Kind};
 
 use crate::config::{DataConfig, TargetConfig, TargetSpec};
-use crate::data::{Sample, TokenizeOptions};
 use crate::data::Tokenizer;
+use crate::data::{Sample, TokenizeOptions};
 use crate::dist::{DistEnv, DistError};
 use crate::error::{Error, Result};
 use crate::target::{self, registry, TargetModel};

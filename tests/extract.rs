@@ -46,6 +46,7 @@ fn run_info(data: &Path) -> RunInfo {
         shard_bytes: 0,
         planned_samples: 0,
         planned_tokens: 0,
+        tokenizer_xxh3: String::new(),
         chunk: 0,
         chunk_samples: 0,
     }
@@ -460,6 +461,23 @@ fn kill_9_during_extract_then_rerun_equals_uninterrupted() {
     let o = run(&extract_args(m, d, bs, &["--aux-layers", "1,3"]));
     let e = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && e.contains("aux_layer_ids"), "{e}");
+    // So is another --limit, and another tokenizer or chat template (same config.json).
+    let o = run(&extract_args(m, d, bs, &["--limit", "3"]));
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && e.contains("run.planned_samples"), "{e}");
+    let other = tmp.path().join("same-config-other-template");
+    std::fs::create_dir_all(&other).unwrap();
+    for f in std::fs::read_dir(&model).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, other.join(f.file_name().unwrap())).unwrap();
+    }
+    let template = ["chat_template.jinja", "tokenizer_config.json"].iter().map(|n| other.join(n)).find(|p| p.exists()).unwrap();
+    let mut t = std::fs::read(&template).unwrap();
+    t.extend_from_slice(b"\n");
+    std::fs::write(&template, t).unwrap();
+    let o = run(&extract_args(other.to_str().unwrap(), d, bs, &[]));
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && e.contains("run.tokenizer_xxh3"), "{e}");
 }
 
 #[test]
@@ -546,7 +564,10 @@ fn slurm_tasks_take_disjoint_slices_of_one_chunk() {
         for v in ["RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"] {
             c.env_remove(v);
         }
-        c.env("SLURM_PROCID", task.to_string()).env("SLURM_NTASKS", "2").env("SLURM_LOCALID", task.to_string()).env("SLURM_NTASKS_PER_NODE", "2");
+        c.env("SLURM_PROCID", task.to_string())
+            .env("SLURM_NTASKS", "2")
+            .env("SLURM_LOCALID", task.to_string())
+            .env("SLURM_NTASKS_PER_NODE", "2");
         let o = c.output().expect("spawn");
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     }

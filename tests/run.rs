@@ -233,7 +233,11 @@ fn run_equals_the_separate_commands() {
     fn cmd<'a>(stage: &'a str, flags: &[&'a str], extra: &[&'a str]) -> Vec<&'a str> {
         [&[stage][..], flags, extra].concat()
     }
-    spec(&cmd("regenerate", &flags, &["--data", train_data.to_str().unwrap(), "--out", &regen, "--max-new-tokens", "16", "--batch-size", "4"]));
+    spec(&cmd(
+        "regenerate",
+        &flags,
+        &["--data", train_data.to_str().unwrap(), "--out", &regen, "--max-new-tokens", "16", "--batch-size", "4"],
+    ));
     spec(&cmd("vocab", &flags, &["--data", &regen, "--draft-vocab-size", "512", "--out", &vocab]));
     spec(&cmd("extract", &flags, &["--data", &regen, "--out", &feats, "--aux-layer-ids", "1,2,4"]));
     let train_recipe = sep.join("train.toml");

@@ -160,3 +160,25 @@ fn nonfinite_batches_are_skipped_and_counted() {
     }
     let _ = Kind::Float;
 }
+
+/// A resume is the same run or is refused, naming what changed: a recipe value, or the data
+/// (here the same chunk listed twice: other samples, another plan).
+#[test]
+fn resume_with_another_recipe_or_other_data_is_refused() {
+    let fx = fixture();
+    let dir = tempfile::tempdir().unwrap();
+    let r = recipe(dir.path(), &fx, "max_steps = 2\n");
+    let out = dir.path().join("run");
+    let run = |extra: &[&str]| {
+        let o = train_cmd(&r, &out).args(extra).stdout(Stdio::piped()).stderr(Stdio::piped()).output().unwrap();
+        (o.status.success(), String::from_utf8_lossy(&o.stderr).into_owned())
+    };
+    assert!(run(&[]).0);
+    let (ok, e) = run(&["--set", "train.lr=1e-3"]);
+    assert!(!ok && e.contains("train.lr") && e.contains("0.003") && e.contains("0.001"), "{e}");
+    let chunk = fx.join("features");
+    let (ok, e) = run(&["--features", chunk.to_str().unwrap(), "--features", chunk.to_str().unwrap()]);
+    assert!(!ok && e.contains("data_fingerprint"), "{e}");
+    let (ok, e) = run(&[]);
+    assert!(ok, "the same command resumes: {e}");
+}

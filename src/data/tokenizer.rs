@@ -22,6 +22,9 @@ pub struct Tokenizer {
     special_tokens: Vec<(String, String)>,
     /// eos_token from tokenizer_config.json, if any.
     pub eos_token: Option<String>,
+    /// xxh3-64 of tokenizer.json, tokenizer_config.json and chat_template.jinja as read: what
+    /// decides how a conversation becomes tokens (a resumed extraction must tokenise the same).
+    pub fingerprint: String,
 }
 
 fn token_string(v: Option<&Json>) -> Option<String> {
@@ -65,7 +68,16 @@ impl Tokenizer {
                 }
             }
         };
-        Ok(Tokenizer { inner, path, template, special_tokens, eos_token })
+        let mut h = xxhash_rust::xxh3::Xxh3::new();
+        for name in ["tokenizer.json", "tokenizer_config.json", "chat_template.jinja"] {
+            let p = dir.join(name);
+            if p.is_file() {
+                h.update(name.as_bytes());
+                h.update(&std::fs::read(&p).map_err(|e| Error::io(&p, e))?);
+            }
+        }
+        let fingerprint = format!("{:016x}", h.digest());
+        Ok(Tokenizer { inner, path, template, special_tokens, eos_token, fingerprint })
     }
 
     /// Token ids of `text`; `add_special_tokens` applies the tokenizer's post-processor (BOS ...).

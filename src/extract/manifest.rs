@@ -77,6 +77,9 @@ pub struct RunInfo {
     pub planned_samples: usize,
     /// Their tokens (all ranks).
     pub planned_tokens: u64,
+    /// The tokenizer and chat template that made the tokens (`Tokenizer::fingerprint`).
+    #[serde(default)]
+    pub tokenizer_xxh3: String,
     /// Which chunk of the dataset this is (`--chunk`).
     #[serde(default)]
     pub chunk: usize,
@@ -163,6 +166,7 @@ impl Manifest {
             ("run.compute_dtype", self.run.compute_dtype.clone()),
             ("run.world_size", self.run.world_size.to_string()),
             ("run.shard_bytes", self.run.shard_bytes.to_string()),
+            ("run.tokenizer_xxh3", self.run.tokenizer_xxh3.clone()),
             ("run.chunk", self.run.chunk.to_string()),
             ("run.chunk_samples", self.run.chunk_samples.to_string()),
             ("run.planned_samples", self.run.planned_samples.to_string()),

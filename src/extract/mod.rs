@@ -130,6 +130,7 @@ pub fn run_samples(target: &LoadedTarget, job: &ExtractJob, all: &[Sample], rt: 
             shard_bytes: e.shard_size.0,
             planned_samples: 0,
             planned_tokens: 0,
+            tokenizer_xxh3: target.tok.fingerprint.clone(),
             chunk: job.chunk,
             chunk_samples: job.dataset.chunk_samples,
         },

@@ -83,9 +83,12 @@ pub fn run(job: &GenerateJob, rt: &Runtime) -> Result<GenerateResult> {
     }
     let tok = &target.tok;
     let prompts = convs.iter().map(|c| tok.apply_chat_template(c, true).and_then(|s| tok.encode(&s, false))).collect::<Result<Vec<_>>>()?;
-    let question = |c: &Value| c.as_array().and_then(|m| m.last()).and_then(|m| m.get("content")).and_then(Value::as_str).unwrap_or("").trim().to_string();
+    let question = |c: &Value| {
+        c.as_array().and_then(|m| m.last()).and_then(|m| m.get("content")).and_then(Value::as_str).unwrap_or("").trim().to_string()
+    };
     let d = &job.decode;
-    let opts = GenerateOptions { max_new_tokens: d.max_new_tokens, stop_ids: target.stop_ids(), temperature: d.temperature, top_p: d.top_p };
+    let opts =
+        GenerateOptions { max_new_tokens: d.max_new_tokens, stop_ids: target.stop_ids(), temperature: d.temperature, top_p: d.top_p };
     let model = target.model()?;
     tch::manual_seed(d.seed);
     let start = Instant::now();

@@ -27,10 +27,10 @@ use tch::Device;
 
 use super::{generate, GenerateOptions};
 use crate::config::{DataConfig, RegenerateConfig, TargetSpec};
-use crate::runtime::{side_file, LoadedTarget, Runtime};
 use crate::data::{BadKind, Conversation, Message, Role};
 use crate::data::{RenderOptions, Report, Tokenizer};
 use crate::error::{Error, Result};
+use crate::runtime::{side_file, LoadedTarget, Runtime};
 use crate::target::TargetModel;
 
 /// `specforge-rs regenerate`: the stage's whole input.
@@ -220,7 +220,8 @@ fn read_done(out: &Path, want_meta: &Json) -> Result<Vec<(String, String)>> {
             return Err(Error::Dataset {
                 path: out.to_path_buf(),
                 line: n,
-                message: "has no `meta`: this file is not the output of `regenerate`; refusing to append to it (choose another --out)".into(),
+                message: "has no `meta`: this file is not the output of `regenerate`; refusing to append to it (choose another --out)"
+                    .into(),
             });
         };
         if let Some(want) = want_meta.as_object() {

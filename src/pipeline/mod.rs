@@ -252,7 +252,13 @@ pub fn run(recipe: &Recipe, run_dir: &Path, rt: &Runtime) -> Result<RunSummary> 
     state_note(run_dir, "eval")?;
     let (trained, untrained) = match &recipe.data.eval_path {
         Some(p) => {
-            let job = EvalJob { target: recipe.target.clone(), draft: export_dir.clone(), data: p.clone(), eval: recipe.eval.clone(), json: None };
+            let job = EvalJob {
+                target: recipe.target.clone(),
+                draft: export_dir.clone(),
+                data: p.clone(),
+                eval: recipe.eval.clone(),
+                json: None,
+            };
             let exported = Eagle3Draft::load(&job.draft, rt.device)?;
             let fresh = build_draft(&recipe, &head, None, rt.device)?;
             let t = crate::eval::evaluate(&target, &exported, &job.data, &job.eval, rt)?;
@@ -297,7 +303,14 @@ struct Rolling<'a> {
 }
 
 impl<'a> Rolling<'a> {
-    fn new(recipe: &Recipe, target: &'a LoadedTarget, samples: &'a [Sample], job: ExtractJob, root: PathBuf, rt: &'a Runtime) -> Result<Self> {
+    fn new(
+        recipe: &Recipe,
+        target: &'a LoadedTarget,
+        samples: &'a [Sample],
+        job: ExtractJob,
+        root: PathBuf,
+        rt: &'a Runtime,
+    ) -> Result<Self> {
         crate::target::check_capture(&job.aux_layer_ids, target.cfg.num_hidden_layers)?;
         let n = recipe.data.chunk_samples;
         let count = if n == 0 { 1 } else { samples.len().div_ceil(n) };
@@ -365,9 +378,7 @@ impl<'a> Rolling<'a> {
 /// `epoch-EEE-chunk-CCCCC`, the names [`Rolling::dir`] gives.
 fn is_chunk_dir_name(name: &str) -> bool {
     let digits = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_digit());
-    name.strip_prefix("epoch-")
-        .and_then(|r| r.split_once("-chunk-"))
-        .is_some_and(|(e, c)| digits(e, 3) && digits(c, 5))
+    name.strip_prefix("epoch-").and_then(|r| r.split_once("-chunk-")).is_some_and(|(e, c)| digits(e, 3) && digits(c, 5))
 }
 
 impl MicroBatches for Rolling<'_> {
@@ -381,6 +392,10 @@ impl MicroBatches for Rolling<'_> {
         let (epoch, _) = self.split(e);
         let specs: Vec<_> = plan_batches(&chunks, &self.opts, self.seed, epoch).into_iter().skip(start as usize).collect();
         Ok(crate::train::data::prefetched(chunks, specs, self.rt.device))
+    }
+
+    fn fingerprint(&self) -> String {
+        crate::train::trainer::data_fingerprint(&self.lengths, &self.opts, self.seed, 1)
     }
 
     fn epoch_done(&self, e: u64) -> Result<()> {

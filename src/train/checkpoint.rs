@@ -33,6 +33,10 @@ pub struct TrainState {
     pub world_size: u64,
     /// Total optimizer steps planned (the schedule's horizon).
     pub total_steps: u64,
+    /// What the run trains on ([`crate::train::trainer::data_fingerprint`]); a resume on other
+    /// data is refused.
+    #[serde(default)]
+    pub data_fingerprint: String,
 }
 
 /// One checkpoint on disk.

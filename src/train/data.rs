@@ -47,6 +47,15 @@ impl MicroBatches for ChunkBatches {
         let specs: Vec<BatchSpec> = self.specs(epoch).into_iter().skip(start as usize).collect();
         Ok(prefetched(self.chunks.clone(), specs, self.device))
     }
+
+    fn fingerprint(&self) -> String {
+        let chunks: Vec<Vec<(i64, usize)>> = self
+            .chunks
+            .iter()
+            .map(|c| (0..c.num_samples()).map(|k| (c.sample_index(k).unwrap_or(-1), c.sample_len(k))).collect())
+            .collect();
+        super::trainer::data_fingerprint(&chunks, &self.opts, self.seed, self.world)
+    }
 }
 
 /// The batches `specs` of `chunks`, assembled on a background thread (two ahead), as the

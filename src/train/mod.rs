@@ -69,11 +69,7 @@ pub fn run(job: &TrainJob, rt: &Runtime) -> Result<TrainResult> {
     let recipe = Recipe::load(&job.recipe, &job.overrides)?;
     let dir = registry::resolve(&recipe.target.name)?;
     let head = TargetHead::load(&dir, Kind::Float, rt.device)?;
-    let comm = crate::dist::collective_for(
-        &rt.env,
-        recipe.train.ddp_bucket_mb,
-        Duration::from_secs(recipe.train.collective_timeout_s),
-    )?;
+    let comm = crate::dist::collective_for(&rt.env, recipe.train.ddp_bucket_mb, Duration::from_secs(recipe.train.collective_timeout_s))?;
     let features = if job.features.is_empty() { recipe.data.features.clone() } else { job.features.clone() };
     let aux = recipe.draft.aux_ids(head.cfg.num_hidden_layers);
     let chunks = setup::open_chunks(&features, &head, &aux)?;

@@ -61,6 +61,27 @@ pub trait MicroBatches {
     fn epoch_done(&self, _epoch: u64) -> Result<()> {
         Ok(())
     }
+    /// What the batches are made of and how they are planned (see [`data_fingerprint`]); a
+    /// resume on other data is refused.
+    fn fingerprint(&self) -> String;
+}
+
+/// A fingerprint of training data: per chunk the (dataset index, length) of every sample, and
+/// the plan's inputs (batching options, seed, world size). `train` on an extracted chunk and
+/// `run`'s rolling chunk of the same samples agree.
+pub fn data_fingerprint(chunks: &[Vec<(i64, usize)>], opts: &crate::extract::reader::BatchOptions, seed: u64, world: usize) -> String {
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    h.update(format!("{} {} {} {seed} {world}", opts.token_budget, opts.max_batch_size, opts.max_len).as_bytes());
+    for c in chunks {
+        let mut c = c.clone();
+        c.sort_unstable();
+        h.update(format!("|{}", c.len()).as_bytes());
+        for (i, n) in c {
+            h.update(&i.to_le_bytes());
+            h.update(&(n as u64).to_le_bytes());
+        }
+    }
+    format!("{:016x}", h.digest())
 }
 
 /// One line of `metrics.jsonl` (one optimizer step, reduced over ranks).
@@ -109,6 +130,32 @@ pub struct Trainer<'a> {
     pub save_each_epoch: bool,
 }
 
+/// The first dotted key whose value differs between two recipe texts: (key, before, after).
+fn first_difference(before: &str, after: &str) -> Option<(String, String, String)> {
+    fn walk(prefix: &str, a: Option<&toml::Value>, b: Option<&toml::Value>) -> Option<(String, String, String)> {
+        let show = |v: Option<&toml::Value>| v.map_or("absent".to_string(), |v| v.to_string());
+        match (a, b) {
+            (Some(toml::Value::Table(x)), Some(toml::Value::Table(y))) => {
+                let keys: std::collections::BTreeSet<&String> = x.keys().chain(y.keys()).collect();
+                keys.into_iter().find_map(|k| {
+                    let key = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+                    walk(&key, x.get(k), y.get(k))
+                })
+            }
+            (a, b) if a == b => None,
+            (a, b) => Some((prefix.to_string(), show(a), show(b))),
+        }
+    }
+    if before == after {
+        return None;
+    }
+    let parse = |t: &str| toml::from_str::<toml::Table>(t).ok().map(toml::Value::Table);
+    match (parse(before), parse(after)) {
+        (Some(a), Some(b)) => walk("", Some(&a), Some(&b)),
+        _ => Some(("recipe".into(), "unparsable or different text".into(), "this recipe".into())),
+    }
+}
+
 impl<'a> Trainer<'a> {
     /// A trainer for `draft`; resumes from `run_dir`'s latest checkpoint when there is one.
     ///
@@ -152,6 +199,14 @@ impl<'a> Trainer<'a> {
                     ck.state.world_size,
                     comm.world_size()
                 )));
+            }
+            let saved = crate::error::read_to_string(&ck.dir.join("recipe.toml"))?;
+            if let Some((key, then, now)) = first_difference(&saved, &t.recipe_toml) {
+                return Err(Error::config(
+                    ck.dir.join("recipe.toml"),
+                    key,
+                    format!("is {then} in the checkpoint but {now} now: a resume must be the same run; use a new --out (or delete this one to start over)"),
+                ));
             }
             let file = crate::weights::SafetensorsFile::open(&ck.dir.join("model.safetensors"))?;
             t.draft.load_weights(&file)?;
@@ -208,6 +263,18 @@ impl<'a> Trainer<'a> {
 
     /// Trains to the end (all epochs or `max_steps`), checkpointing on the way and at the end.
     pub fn run(&mut self, data: &dyn MicroBatches) -> Result<Vec<StepMetrics>> {
+        let fingerprint = data.fingerprint();
+        if self.state.step > 0 && !self.state.data_fingerprint.is_empty() && self.state.data_fingerprint != fingerprint {
+            return Err(Error::config(
+                self.run_dir.join("checkpoints"),
+                "data_fingerprint",
+                format!(
+                    "is {} in the checkpoint but {fingerprint} now: the feature chunks, their samples or the batch plan (token_budget, max_batch_size, max_len, seed, world size) changed, so this is another run; use a new --out",
+                    self.state.data_fingerprint
+                ),
+            ));
+        }
+        self.state.data_fingerprint = fingerprint;
         let total = self.total_steps(data)?;
         self.state.total_steps = total;
         let warmup = (self.cfg.warmup_ratio * total as f64).ceil() as u64;

@@ -364,7 +364,8 @@ pub fn save_safetensors(path: &Path, tensors: &[(String, Tensor)], metadata: Opt
         })
         .collect::<Result<Vec<_>>>()?;
     crate::util::fs::write_atomic_with(path, |tmp| {
-        safetensors::serialize_to_file(views, metadata, tmp).map_err(|e| Error::Safetensors { path: tmp.to_path_buf(), reason: e.to_string() })
+        safetensors::serialize_to_file(views, metadata, tmp)
+            .map_err(|e| Error::Safetensors { path: tmp.to_path_buf(), reason: e.to_string() })
     })
 }
 
