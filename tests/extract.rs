@@ -605,3 +605,23 @@ fn max_disk_is_checked_before_anything_is_written() {
     let written: Vec<_> = std::fs::read_dir(&out).map(|d| d.filter_map(|e| e.ok()).map(|e| e.file_name()).collect()).unwrap_or_default();
     assert!(written.iter().all(|f| !f.to_string_lossy().contains("shard") && !f.to_string_lossy().contains("manifest")), "{written:?}");
 }
+
+/// A log redirected to a file is plain text: no ANSI escapes in the log lines, and the progress
+/// bar becomes plain progress lines.
+#[test]
+fn logs_and_progress_to_a_file_are_plain_text() {
+    let model = tiny_target();
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data.jsonl");
+    std::fs::write(&data, synthetic_conversations(6, 3)).unwrap();
+    let out = tmp.path().join("chunk");
+    let o = cmd(&extract_args(model.to_str().unwrap(), data.to_str().unwrap(), out.to_str().unwrap(), &[]))
+        .env("RUST_LOG", "info")
+        .env_remove("NO_COLOR")
+        .output()
+        .unwrap();
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{e}");
+    assert!(e.contains("loading target") && !e.contains('\u{1b}'), "{e:?}");
+    assert!(e.lines().any(|l| l.starts_with("extract: ") && l.contains("elapsed")), "{e}");
+}
