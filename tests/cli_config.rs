@@ -137,3 +137,17 @@ fn absurd_decoding_numbers_are_refused_by_name() {
         assert!(o.status.code() == Some(1) && e.contains(field), "{args:?}: {:?} {e}", o.status.code());
     }
 }
+
+/// An endless input ends in an error, not an unbounded read: `vocab --data /dev/zero`.
+#[test]
+fn a_dataset_of_zero_bytes_ends_in_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("v.safetensors");
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_specforge-rs"))
+        .args(["vocab", "--data", "/dev/zero", "--out", out.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.code() == Some(1) && e.contains("NUL"), "{:?} {e}", o.status.code());
+    assert!(!out.exists());
+}

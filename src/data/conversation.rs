@@ -412,6 +412,34 @@ pub fn parse_line(text: &str, line: usize, base: &Path) -> std::result::Result<C
     Ok(Conversation { line, id, messages, tools: obj.get("tools").filter(|t| !t.is_null()).cloned() })
 }
 
+/// Reads one line (up to and including `\n`) into `buf`, keeping at most `limit + 1` bytes of
+/// it, so memory stays bounded whatever the line's length. Returns the line's full length, or
+/// `None` at the end of the input. A line over the limit is consumed to its end (or up to the
+/// first NUL byte, which is kept so the caller can stop on binary input).
+fn read_line_bounded(r: &mut impl BufRead, buf: &mut Vec<u8>, limit: usize) -> std::io::Result<Option<usize>> {
+    let mut total = 0usize;
+    loop {
+        let chunk = r.fill_buf()?;
+        if chunk.is_empty() {
+            return Ok((total > 0).then_some(total));
+        }
+        let newline = chunk.iter().position(|&b| b == b'\n');
+        let take = newline.map_or(chunk.len(), |i| i + 1);
+        let room = (limit + 1).saturating_sub(buf.len());
+        let piece = &chunk[..take];
+        buf.extend_from_slice(&piece[..take.min(room)]);
+        let nul = piece.contains(&0);
+        if nul {
+            buf.push(0);
+        }
+        total += take;
+        r.consume(take);
+        if newline.is_some() || nul {
+            return Ok(Some(total));
+        }
+    }
+}
+
 /// Reads a JSONL dataset. Blank lines are ignored (not counted); every other line either becomes
 /// a [`Conversation`] or a [`BadLine`](super::BadLine) in the report.
 ///
@@ -427,23 +455,28 @@ pub fn read_jsonl(path: &Path, opts: &ReadOptions) -> Result<(Vec<Conversation>,
     let mut line_no = 0usize;
     loop {
         raw.clear();
-        let n = reader.read_until(b'\n', &mut raw).map_err(|e| Error::io(path, e))?;
-        if n == 0 {
+        let Some(n) = read_line_bounded(&mut reader, &mut raw, opts.max_line_bytes).map_err(|e| Error::io(path, e))? else {
             break;
-        }
+        };
         line_no += 1;
+        if raw.contains(&0) {
+            // JSON text never holds a NUL byte: this is a binary file (or /dev/zero), and
+            // reading on could go on forever.
+            return Err(Error::Dataset {
+                path: path.to_path_buf(),
+                line: line_no,
+                message: "holds a NUL byte: not a JSONL text file".into(),
+            });
+        }
+        if n > opts.max_line_bytes {
+            report.total += 1;
+            report.push(line_no, BadKind::OverLong, format!("line is {n} bytes, above the {}-byte line limit", opts.max_line_bytes));
+            continue;
+        }
         if raw.iter().all(u8::is_ascii_whitespace) {
             continue;
         }
         report.total += 1;
-        if raw.len() > opts.max_line_bytes {
-            report.push(
-                line_no,
-                BadKind::OverLong,
-                format!("line is {} bytes, above the {}-byte line limit", raw.len(), opts.max_line_bytes),
-            );
-            continue;
-        }
         match std::str::from_utf8(&raw) {
             Ok(s) => lines.push((line_no, s.trim_end_matches(['\n', '\r']).to_string())),
             Err(e) => report.push(line_no, BadKind::InvalidUtf8, format!("not UTF-8: {e}")),
@@ -488,6 +521,29 @@ pub fn file_hash(path: &Path) -> Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn over_long_lines_are_skipped_with_bounded_memory_and_nul_bytes_stop_reading() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("d.jsonl");
+        let ok = r#"{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}"#;
+        std::fs::write(&p, format!("{}\n{ok}\n{}", "x".repeat(100_000), "y".repeat(50_000))).unwrap();
+        let opts = ReadOptions { max_line_bytes: 1000, ..Default::default() };
+        let (convs, report) = read_jsonl(&p, &opts).unwrap();
+        assert_eq!(convs.len(), 1);
+        let kinds: Vec<(usize, BadKind)> = report.bad.iter().map(|b| (b.line, b.kind)).collect();
+        assert_eq!(kinds, [(1, BadKind::OverLong), (3, BadKind::OverLong)]);
+        // The line buffer never holds more than the limit (+1 byte to see that it is over).
+        let mut buf = Vec::new();
+        let long = "z".repeat(10_000);
+        let mut r = std::io::BufReader::new(long.as_bytes());
+        assert_eq!(read_line_bounded(&mut r, &mut buf, 100).unwrap(), Some(10_000));
+        assert_eq!(buf.len(), 101);
+        // Binary input (e.g. /dev/zero) ends at once with an error naming the line.
+        std::fs::write(&p, [ok.as_bytes(), b"\n\0\0\0"].concat()).unwrap();
+        let e = read_jsonl(&p, &ReadOptions::default()).unwrap_err().to_string();
+        assert!(e.contains("NUL") && e.contains('2'), "{e}");
+    }
 
     #[test]
     fn base64_decodes() {
