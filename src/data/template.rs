@@ -142,11 +142,41 @@ fn civil_from_days(z: i64) -> (i64, i64, i64) {
     (yoe + era * 400 + i64::from(m <= 2), m, d)
 }
 
+/// Template instructions one rendering may run (a long multi-turn conversation with tools takes
+/// well under a million).
+pub const TEMPLATE_FUEL: u64 = 20_000_000;
+/// Bytes one rendering may produce.
+pub const TEMPLATE_MAX_OUTPUT: usize = 64 << 20;
+
+/// A writer that refuses to grow past `limit` bytes.
+struct Bounded {
+    buf: Vec<u8>,
+    limit: usize,
+    overflow: bool,
+}
+
+impl std::io::Write for Bounded {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        if self.buf.len() + b.len() > self.limit {
+            self.overflow = true;
+            return Err(std::io::Error::other(format!("the rendered prompt passes {} bytes", self.limit)));
+        }
+        self.buf.extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 impl ChatTemplate {
     /// Compiles `source_text`; `source` names where it came from in errors.
     pub fn new(source_text: String, source: &Path) -> Result<Self> {
         let mut env = Environment::new();
         env.set_trim_blocks(true);
+        // A template is code from a model repository: bound its work, so one that loops forever
+        // ends in an error naming it (see also the output bound in `render`).
+        env.set_fuel(Some(TEMPLATE_FUEL));
         env.set_lstrip_blocks(true);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_filter("tojson", tojson);
@@ -172,8 +202,14 @@ impl ChatTemplate {
             ctx.insert(k.clone(), v.clone());
         }
         let tmpl = self.env.get_template("chat").map_err(|e| Error::Template { path: self.source.clone(), message: e.to_string() })?;
-        tmpl.render(Value::from_serialize(Json::Object(ctx)))
-            .map_err(|e| Error::Template { path: self.source.clone(), message: format!("{e:#}") })
+        let mut out = Bounded { buf: Vec::new(), limit: TEMPLATE_MAX_OUTPUT, overflow: false };
+        let rendered = tmpl.render_captured_to(Value::from_serialize(Json::Object(ctx)), &mut out);
+        if let Err(e) = rendered {
+            let message = if out.overflow { format!("the rendered prompt passes {TEMPLATE_MAX_OUTPUT} bytes") } else { format!("{e:#}") };
+            return Err(Error::Template { path: self.source.clone(), message });
+        }
+        String::from_utf8(out.buf)
+            .map_err(|e| Error::Template { path: self.source.clone(), message: format!("rendered text is not UTF-8: {e}") })
     }
 }
 
@@ -205,5 +241,18 @@ mod tests {
         let t = ChatTemplate::new("{{ raise_exception('bad role') }}".into(), Path::new("inline")).unwrap();
         let e = t.render(&json!([]), &RenderOptions::default()).unwrap_err().to_string();
         assert!(e.contains("bad role"), "{e}");
+    }
+
+    #[test]
+    fn runaway_templates_end_in_an_error() {
+        let endless = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}";
+        let e = ChatTemplate::new(endless.into(), Path::new("endless.jinja")).unwrap().render(&json!([]), &RenderOptions::default());
+        let e = e.unwrap_err().to_string();
+        assert!(e.contains("endless.jinja") && e.contains("fuel"), "{e}");
+        let huge = "{% for i in range(100000) %}{{ messages[0]['content'] }}{% endfor %}";
+        let long = json!([{"role": "user", "content": "x".repeat(1000)}]);
+        let e = ChatTemplate::new(huge.into(), Path::new("huge.jinja")).unwrap().render(&long, &RenderOptions::default());
+        let e = e.unwrap_err().to_string();
+        assert!(e.contains("huge.jinja") && e.contains("bytes"), "{e}");
     }
 }
