@@ -313,8 +313,15 @@ fn corrupt_truncated_or_missing_shards_are_named() {
     // Restored: opens again.
     std::fs::write(&shard, &pristine).unwrap();
     Chunk::open(&chunk).unwrap();
-    // A manifest of another version.
+    // Token ids outside the target vocabulary (here: a manifest claiming a 2-token vocabulary).
     let m = std::fs::read_to_string(chunk.join("manifest.json")).unwrap();
+    let mut v: serde_json::Value = serde_json::from_str(&m).unwrap();
+    v["target"]["vocab_size"] = serde_json::json!(2);
+    std::fs::write(chunk.join("manifest.json"), v.to_string()).unwrap();
+    let e = err("vocabulary");
+    assert!(e.contains("input_ids") && e.contains("outside the target vocabulary"), "{e}");
+    std::fs::write(chunk.join("manifest.json"), &m).unwrap();
+    // A manifest of another version.
     std::fs::write(chunk.join("manifest.json"), m.replace("\"version\": 1", "\"version\": 2")).unwrap();
     let e = err("version");
     assert!(e.contains("manifest.json") && e.contains("version"), "{e}");

@@ -223,6 +223,29 @@ impl TargetConfig {
     }
 }
 
+/// The largest size a config may give one dimension (vocabularies included): anything above is a
+/// corrupt or hostile file, refused before a tensor is allocated.
+pub const MAX_SIZE: i64 = 1 << 24;
+/// The largest weight matrix, in elements (64 GiB in fp32).
+pub const MAX_MATRIX: i64 = 1 << 34;
+
+/// `value` of `field` as a size: in 1..=[`MAX_SIZE`].
+pub fn check_size(source: &Path, field: &str, value: i64) -> Result<i64> {
+    if (1..=MAX_SIZE).contains(&value) {
+        Ok(value)
+    } else {
+        Err(Error::config(source, field, format!("must be in 1..={MAX_SIZE}, got {value}")))
+    }
+}
+
+/// A `rows × hidden` weight matrix that fits [`MAX_MATRIX`].
+pub fn check_matrix(source: &Path, field: &str, rows: i64, hidden: i64) -> Result<()> {
+    if rows.saturating_mul(hidden) > MAX_MATRIX {
+        return Err(Error::config(source, field, format!("{rows} × hidden size {hidden} is over {MAX_MATRIX} weights in one matrix")));
+    }
+    Ok(())
+}
+
 fn resolve(top: &HfConfig, config_hash: String, source: &Path) -> Result<TargetConfig> {
     let text = top.text_config.as_deref().unwrap_or(top);
     let model_type = text.model_type.clone().or_else(|| top.model_type.clone()).unwrap_or_default();
@@ -241,8 +264,7 @@ fn resolve(top: &HfConfig, config_hash: String, source: &Path) -> Result<TargetC
     };
     let need = |v: Option<i64>, field: &str| -> Result<i64> {
         match v {
-            Some(x) if x > 0 => Ok(x),
-            Some(x) => Err(Error::config(source, field, format!("must be positive, got {x}"))),
+            Some(x) => check_size(source, field, x),
             None => Err(Error::config(source, field, "is missing")),
         }
     };
@@ -309,12 +331,17 @@ fn resolve(top: &HfConfig, config_hash: String, source: &Path) -> Result<TargetC
         _ => (attention_bias, attention_bias),
     };
     let first_i64 = |v: &Option<Value>| token_ids(v).first().copied();
+    let vocab_size = need(text.vocab_size, "vocab_size")?;
+    let intermediate_size = need(text.intermediate_size, "intermediate_size")?;
+    check_matrix(source, "vocab_size", vocab_size, hidden_size)?;
+    check_matrix(source, "intermediate_size", intermediate_size, hidden_size)?;
+    check_matrix(source, "num_attention_heads", num_attention_heads * head_dim, hidden_size)?;
     Ok(TargetConfig {
         arch,
         model_type,
-        vocab_size: need(text.vocab_size, "vocab_size")?,
+        vocab_size,
         hidden_size,
-        intermediate_size: need(text.intermediate_size, "intermediate_size")?,
+        intermediate_size,
         num_hidden_layers,
         num_attention_heads,
         num_key_value_heads,
@@ -416,6 +443,21 @@ mod tests {
         "num_hidden_layers":2,"num_attention_heads":4,"num_key_value_heads":2,"rope_theta":500000.0,
         "rope_scaling":{"rope_type":"llama3","factor":8.0,"low_freq_factor":1.0,"high_freq_factor":4.0,
         "original_max_position_embeddings":8192},"tie_word_embeddings":true,"eos_token_id":[1,2]}"#;
+
+    #[test]
+    fn impossible_sizes_are_refused_by_name() {
+        for (field, bad) in [
+            ("num_attention_heads", "0"),
+            ("num_key_value_heads", "-2"),
+            ("hidden_size", "1099511627776"),
+            ("vocab_size", "16777217"),
+            ("intermediate_size", "33554432"),
+        ] {
+            let json = LLAMA.replacen(&format!("\"{field}\":"), &format!("\"{field}\":{bad},\"_old_{field}\":"), 1);
+            let e = cfg(&json).unwrap_err().to_string();
+            assert!(e.contains(field), "{field} = {bad}: {e}");
+        }
+    }
 
     #[test]
     fn legacy_rope_spelling() {

@@ -6,6 +6,7 @@ use std::path::Path;
 
 use serde_json::{json, Value};
 
+use crate::config::hf::{check_matrix, check_size};
 use crate::config::{RopeConfig, RopeScaling, TargetConfig};
 use crate::error::{read_json, Error, Result};
 
@@ -90,8 +91,8 @@ impl Eagle3Config {
             v.get(k).and_then(Value::as_i64).ok_or_else(|| Error::config(path, k, "is missing or not an integer"))
         };
         let flag = |k: &str| v.get(k).and_then(Value::as_bool).unwrap_or(false);
-        let hidden_size = int("hidden_size")?;
-        let heads = int("num_attention_heads")?;
+        let hidden_size = check_size(path, "hidden_size", int("hidden_size")?)?;
+        let heads = check_size(path, "num_attention_heads", int("num_attention_heads")?)?;
         let aux_layer_ids: Vec<i64> = v
             .get("eagle_aux_hidden_state_layer_ids")
             .and_then(Value::as_array)
@@ -134,8 +135,28 @@ impl Eagle3Config {
         Ok(cfg)
     }
 
-    /// Checks the config is internally consistent.
+    /// Checks the config is internally consistent and of a size that can exist, before anything
+    /// is allocated for it.
     pub fn validate(&self, path: &Path) -> Result<()> {
+        for (field, v) in [
+            ("hidden_size", self.hidden_size),
+            ("target_hidden_size", self.target_hidden_size),
+            ("num_attention_heads", self.num_attention_heads),
+            ("num_key_value_heads", self.num_key_value_heads),
+            ("head_dim", self.head_dim),
+            ("intermediate_size", self.intermediate_size),
+            ("vocab_size", self.vocab_size),
+            ("max_position_embeddings", self.max_position_embeddings),
+        ] {
+            check_size(path, field, v)?;
+        }
+        check_matrix(path, "intermediate_size", self.intermediate_size, self.hidden_size)?;
+        check_matrix(path, "draft_vocab_size", self.draft_vocab_size, self.hidden_size)?;
+        check_matrix(path, "num_attention_heads", self.num_attention_heads * self.head_dim, 2 * self.hidden_size)?;
+        check_matrix(path, "eagle_aux_hidden_state_layer_ids", self.num_aux() * self.target_hidden_size, self.hidden_size)?;
+        if !(self.rms_norm_eps > 0.0 && self.rms_norm_eps.is_finite()) {
+            return Err(Error::config(path, "rms_norm_eps", format!("must be a positive number, got {}", self.rms_norm_eps)));
+        }
         if self.num_attention_heads % self.num_key_value_heads != 0 {
             return Err(Error::config(
                 path,
@@ -195,5 +216,37 @@ impl Eagle3Config {
                 "aux_layer_id_convention": "id k = residual stream entering target decoder layer k (HF hidden_states[k]); top-level ids use it (vLLM), eagle_config ids are k-1 (SGLang)",
             },
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn impossible_draft_configs_are_refused_before_allocation() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("config.json");
+        let good = serde_json::json!({
+            "architectures": ["LlamaForCausalLMEagle3"], "hidden_size": 16, "num_attention_heads": 2,
+            "num_key_value_heads": 1, "head_dim": 8, "intermediate_size": 24, "vocab_size": 40,
+            "draft_vocab_size": 10, "eagle_aux_hidden_state_layer_ids": [1, 2, 3],
+        });
+        std::fs::write(&p, good.to_string()).unwrap();
+        Eagle3Config::from_file(&p).unwrap();
+        for (field, bad) in [
+            ("num_attention_heads", serde_json::json!(0)),
+            ("num_key_value_heads", serde_json::json!(0)),
+            ("head_dim", serde_json::json!(-8)),
+            ("hidden_size", serde_json::json!(1_i64 << 40)),
+            ("intermediate_size", serde_json::json!(1_i64 << 25)),
+            ("rms_norm_eps", serde_json::json!(-1.0)),
+        ] {
+            let mut v = good.clone();
+            v[field] = bad.clone();
+            std::fs::write(&p, v.to_string()).unwrap();
+            let e = Eagle3Config::from_file(&p).unwrap_err().to_string();
+            assert!(e.contains(field), "{field} = {bad}: {e}");
+        }
     }
 }

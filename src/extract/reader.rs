@@ -151,6 +151,12 @@ impl Chunk {
                 if offsets.first() != Some(&0) || offsets.last() != Some(&n) || offsets.windows(2).any(|w| w[1] < w[0]) {
                     return Err(shard_err(&path, format!("offsets must rise from 0 to {n}; saw {:?}…", &offsets[..offsets.len().min(8)])));
                 }
+                // Token ids index the target's embedding and lm_head: one outside the vocabulary
+                // would be an out-of-bounds gather deep inside training.
+                let vocab = manifest.target.vocab_size;
+                if let Some((pos, id)) = read_i64s(&f, "input_ids")?.into_iter().enumerate().find(|(_, id)| !(0..vocab).contains(id)) {
+                    return Err(shard_err(&path, format!("input_ids[{pos}] = {id} is outside the target vocabulary 0..{vocab}")));
+                }
                 let locs = (0..e.samples)
                     .map(|i| SampleLoc {
                         shard: 0,
