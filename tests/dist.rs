@@ -517,3 +517,54 @@ fn nccl_collectives_or_clean_error_without_gpu() {
         assert!(d.stderr.contains("ProcessGroupNCCL is only supported with GPUs, no GPUs found"), "{}", d.all());
     }
 }
+
+/// The listening sockets on `port` as (hex address, IPv6?) from /proc/net/tcp{,6}.
+fn listeners(port: u16) -> Vec<(String, bool)> {
+    let mut out = Vec::new();
+    for (file, v6) in [("/proc/net/tcp", false), ("/proc/net/tcp6", true)] {
+        let text = std::fs::read_to_string(file).unwrap_or_default();
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let (Some(local), Some(state)) = (f.get(1), f.get(3)) else { continue };
+            let Some((addr, p)) = local.split_once(':') else { continue };
+            if *state == "0A" && u16::from_str_radix(p, 16).ok() == Some(port) {
+                out.push((addr.to_string(), v6));
+            }
+        }
+    }
+    out
+}
+
+/// The launcher's store listens on the loopback address it was given, not on every interface,
+/// and a process of another job (another run id) that reaches it does not join the group: it
+/// times out, and the job goes on.
+#[test]
+fn the_store_listens_where_told_and_other_jobs_cannot_join() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = free_port();
+    let args: Vec<String> = ["--timeout-ms", "20000", "--sizes", "1", "--dtypes", "f32", "--loop-secs", "6", "--pid-dir"]
+        .iter()
+        .map(|s| s.to_string())
+        .chain([dir.path().display().to_string()])
+        .collect();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let job = start(launch_cmd(port, 2, &[], &args));
+    wait_pids(dir.path(), 2);
+    let l = listeners(port);
+    assert!(!l.is_empty() && l.iter().all(|(a, v6)| a == "0100007F" && !v6), "store sockets on port {port}: {l:?}");
+
+    let mut intruder = Command::new(BIN);
+    intruder
+        .args(["dist-selftest", "--timeout-ms", "2000", "--sizes", "1", "--dtypes", "f32"])
+        .env("RANK", "1")
+        .env("WORLD_SIZE", "2")
+        .env("LOCAL_RANK", "0")
+        .env("MASTER_ADDR", "127.0.0.1")
+        .env("MASTER_PORT", port.to_string())
+        .env("TORCHELASTIC_USE_AGENT_STORE", "True")
+        .env("TORCHELASTIC_RUN_ID", "another-job");
+    let d = start(intruder).finish(DEADLINE);
+    assert!(!d.status.success(), "a process of another job joined:\n{}", d.all());
+    let done = job.finish(DEADLINE);
+    assert_ok(&done, 2);
+}

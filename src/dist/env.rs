@@ -9,6 +9,7 @@
 //! | local world size | `LOCAL_WORLD_SIZE` | `SLURM_NTASKS_PER_NODE`, `SLURM_TASKS_PER_NODE` (leading number) | world size |
 //! | store address | `MASTER_ADDR` | first host of `SLURM_STEP_NODELIST` / `SLURM_JOB_NODELIST`, then `SLURM_LAUNCH_NODE_IPADDR` | 127.0.0.1 |
 //! | store port | `MASTER_PORT` | 15000 + `SLURM_JOB_ID` mod 20000 | 29500 |
+//! | run id (in every store key) | `TORCHELASTIC_RUN_ID` | `slurm-<SLURM_JOB_ID>.<SLURM_STEP_ID>` | `none` |
 //!
 //! torchrun's variables win over SLURM's (under `srun torchrun ...` SLURM describes the agents,
 //! torchrun the workers). `TORCHELASTIC_USE_AGENT_STORE=True` means the store is hosted by the
@@ -58,6 +59,10 @@ pub struct DistEnv {
     pub master_port: u16,
     /// Who hosts the store.
     pub store: StoreMode,
+    /// The job's id (`TORCHELASTIC_RUN_ID`, set by torchrun and `launch`; SLURM's job and step
+    /// ids under srun; `none` otherwise): part of every store key, so processes of two jobs that
+    /// reach the same store never join each other's group.
+    pub run_id: String,
     /// Where the values came from.
     pub source: EnvSource,
 }
@@ -76,6 +81,7 @@ impl DistEnv {
             master_addr: "127.0.0.1".into(),
             master_port: DEFAULT_PORT,
             store: StoreMode::RankZeroHosts,
+            run_id: "none".into(),
             source: EnvSource::Single,
         }
     }
@@ -154,8 +160,14 @@ impl DistEnv {
         } else {
             StoreMode::RankZeroHosts
         };
+        let run_id = match get("TORCHELASTIC_RUN_ID") {
+            Some(id) => id.trim().to_string(),
+            None if slurm => format!("slurm-{}.{}", get("SLURM_JOB_ID").unwrap_or_default(), get("SLURM_STEP_ID").unwrap_or_default()),
+            None => "none".into(),
+        };
         Ok(DistEnv {
             rank,
+            run_id,
             world_size,
             local_rank,
             local_world_size,

@@ -29,6 +29,7 @@ extern "C" {
         is_server: c_int,
         wait_workers: c_int,
         timeout_ms: i64,
+        listen_fd: c_int,
         out: *mut *mut SfStore,
         err: *mut *mut c_char,
     ) -> c_int;
@@ -141,13 +142,27 @@ impl RawStore {
         NonNull::new(out).map(RawStore).ok_or_else(|| "c10d returned no store".to_string())
     }
 
-    /// A TCPStore server (this process hosts it) or client at `host:port`.
-    pub(crate) fn tcp(host: &str, port: u16, is_server: bool, wait_workers: usize, timeout: Duration) -> Result<Self, String> {
+    /// A TCPStore client at `host:port` (`wait_workers` > 0: count this process in).
+    pub(crate) fn tcp(host: &str, port: u16, wait_workers: usize, timeout: Duration) -> Result<Self, String> {
+        Self::tcp_raw(host, port, false, wait_workers, timeout, -1)
+    }
+
+    /// A TCPStore server hosted by this process on `listener` (bound by the caller, so the store
+    /// listens only on that address; c10d takes the socket over).
+    pub(crate) fn tcp_server(listener: std::net::TcpListener, wait_workers: usize, timeout: Duration) -> Result<Self, String> {
+        use std::os::fd::IntoRawFd;
+        let addr = listener.local_addr().map_err(|e| e.to_string())?;
+        let fd = listener.into_raw_fd();
+        Self::tcp_raw(&addr.ip().to_string(), addr.port(), true, wait_workers, timeout, fd)
+    }
+
+    fn tcp_raw(host: &str, port: u16, is_server: bool, wait_workers: usize, timeout: Duration, fd: c_int) -> Result<Self, String> {
         let host = cstring(host)?;
         let wait = c_int::try_from(wait_workers).map_err(|_| "too many workers".to_string())?;
         let mut out = std::ptr::null_mut();
-        // SAFETY: host is a valid C string for the call; `out` receives a new heap handle we own.
-        call(|err| unsafe { sf_store_tcp(host.as_ptr(), port, c_int::from(is_server), wait, millis(timeout), &mut out, err) })?;
+        // SAFETY: host is a valid C string for the call; `fd` is a listening socket we own and
+        // hand over (or -1); `out` receives a new heap handle we own.
+        call(|err| unsafe { sf_store_tcp(host.as_ptr(), port, c_int::from(is_server), wait, millis(timeout), fd, &mut out, err) })?;
         Self::from_out(out)
     }
 

@@ -104,6 +104,23 @@ impl Rank {
     }
 }
 
+/// The job's id, in every store key its ranks use: `TORCHELASTIC_RUN_ID` when set (torchrun's
+/// `--rdzv-id`); else unique to this launch on one node; else, across nodes (which must agree
+/// without talking), derived from the store address, port and job shape — two multi-node jobs
+/// sharing a port then need distinct `TORCHELASTIC_RUN_ID`s (docs/distributed.md).
+fn run_id(opts: &LaunchOptions) -> String {
+    if let Some(id) = std::env::var("TORCHELASTIC_RUN_ID").ok().filter(|v| !v.trim().is_empty()) {
+        return id;
+    }
+    let key = if opts.nnodes == 1 {
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+        format!("{} {nanos}", std::process::id())
+    } else {
+        format!("{}:{} {}x{}", opts.master_addr, opts.master_port, opts.nnodes, opts.nproc_per_node)
+    };
+    format!("launch-{:016x}", xxhash_rust::xxh3::xxh3_64(key.as_bytes()))
+}
+
 /// Runs the job; returns when every local rank has ended. Ok only when all exited with code 0.
 pub fn run(opts: &LaunchOptions) -> Result<(), DistError> {
     validate(opts)?;
@@ -111,7 +128,8 @@ pub fn run(opts: &LaunchOptions) -> Result<(), DistError> {
     // Node 0 hosts the store for the whole job (torchrun's agent store): it outlives any rank,
     // so a surviving rank can still read the heartbeats that tell which rank died.
     let _store = if opts.agent_store && opts.node_rank == 0 {
-        let store = RawStore::tcp(&opts.master_addr, opts.master_port, true, 0, Duration::from_secs(60)).map_err(|m| {
+        let listener = super::process_group::store_listener(&opts.master_addr, opts.master_port);
+        let store = listener.and_then(|l| RawStore::tcp_server(l, 0, Duration::from_secs(60))).map_err(|m| {
             DistError::Launch(format!(
                 "cannot host the rendezvous store on port {}: {m} (is the port in use? pick \
                  another with --master-port)",
@@ -124,6 +142,7 @@ pub fn run(opts: &LaunchOptions) -> Result<(), DistError> {
     };
 
     let world = opts.nproc_per_node * opts.nnodes;
+    let run_id = run_id(opts);
     let omp = std::env::var_os("OMP_NUM_THREADS").is_none().then(|| {
         // torchrun sets 1; sharing the cores between the local ranks keeps CPU jobs usable.
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -149,7 +168,7 @@ pub fn run(opts: &LaunchOptions) -> Result<(), DistError> {
             .env("MASTER_PORT", opts.master_port.to_string())
             .env("TORCHELASTIC_RESTART_COUNT", "0")
             .env("TORCHELASTIC_MAX_RESTARTS", "0")
-            .env("TORCHELASTIC_RUN_ID", "specforge")
+            .env("TORCHELASTIC_RUN_ID", &run_id)
             .env("TORCHELASTIC_USE_AGENT_STORE", if opts.agent_store { "True" } else { "False" })
             .stdin(Stdio::null())
             .process_group(0);

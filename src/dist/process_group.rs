@@ -432,26 +432,26 @@ impl Shared {
         let (base, store_host) = match &env.store {
             StoreMode::RankZeroHosts => {
                 let is_server = rank == 0;
-                let base = RawStore::tcp(
-                    &env.master_addr,
-                    env.master_port,
-                    is_server,
-                    // Every rank passes the world size: each client then counts itself in,
-                    // and rank 0's constructor returns once all have joined.
-                    env.world_size,
-                    opts.timeout,
-                )
+                // Every rank passes the world size: each client then counts itself in, and rank
+                // 0's constructor returns once all have joined.
+                let base = if is_server {
+                    store_listener(&env.master_addr, env.master_port).and_then(|l| RawStore::tcp_server(l, env.world_size, opts.timeout))
+                } else {
+                    RawStore::tcp(&env.master_addr, env.master_port, env.world_size, opts.timeout)
+                }
                 .map_err(|m| rdzv(store_hint(m, is_server, env)))?;
                 (base, "rank 0".to_string())
             }
             StoreMode::Agent { prefix } => {
-                let client = RawStore::tcp(&env.master_addr, env.master_port, false, 0, opts.timeout)
-                    .map_err(|m| rdzv(store_hint(m, false, env)))?;
+                let client =
+                    RawStore::tcp(&env.master_addr, env.master_port, 0, opts.timeout).map_err(|m| rdzv(store_hint(m, false, env)))?;
                 let base = client.prefixed(prefix).map_err(&rdzv)?;
                 (base, "the launcher (agent store)".to_string())
             }
         };
-        let store = base.prefixed(&format!("specforge/pg{seq}")).map_err(&rdzv)?;
+        // The job's run id in every key: a process of another job that reaches this store (same
+        // port) waits on keys nobody sets and times out, instead of joining this group.
+        let store = base.prefixed(&format!("specforge/{}/pg{seq}", env.run_id)).map_err(&rdzv)?;
         let gloo_store = store.prefixed("gloo").map_err(&rdzv)?;
         let ifnames = std::env::var("GLOO_SOCKET_IFNAME").ok().filter(|s| !s.trim().is_empty());
         let hostname = if ifnames.is_some() { None } else { gloo_address(&env.master_addr, env.master_port) };
@@ -693,6 +693,25 @@ fn read_heartbeats(store: &RawStore, world: usize, me: usize) -> Result<String, 
 }
 
 /// Adds what usually causes a store error to c10d's message.
+/// The socket a rendezvous store listens on: `addr:port` exactly — the loopback address for a
+/// single-node job (the default), the given host address for a multi-node one, every interface
+/// only when `addr` says so (`0.0.0.0` or `::`). c10d's own bind would take every interface
+/// whatever the address. The store has no authentication: run multi-node jobs on a trusted
+/// network (docs/distributed.md).
+pub(crate) fn store_listener(addr: &str, port: u16) -> Result<std::net::TcpListener, String> {
+    use std::net::ToSocketAddrs;
+    let addrs: Vec<std::net::SocketAddr> =
+        (addr, port).to_socket_addrs().map_err(|e| format!("cannot resolve the store address {addr}: {e}"))?.collect();
+    let mut last = format!("{addr} resolves to no address");
+    for a in addrs {
+        match std::net::TcpListener::bind(a) {
+            Ok(l) => return Ok(l),
+            Err(e) => last = format!("cannot listen on {a}: {e}"),
+        }
+    }
+    Err(format!("{last} (the store listens only on MASTER_ADDR, which must be an address of this host)"))
+}
+
 fn store_hint(message: String, is_server: bool, env: &DistEnv) -> String {
     if is_server {
         format!(

@@ -126,16 +126,20 @@ void sf_free(void* p) { std::free(p); }
 
 // ---- stores ---------------------------------------------------------------------------------
 
-// A TCPStore at host:port. is_server: this process hosts it (it binds every interface on `port`;
-// port 0 picks a free one). wait_workers > 0: every process (server and clients alike) counts
+// A TCPStore at host:port. is_server: this process hosts it, on the already bound and listening
+// socket `listen_fd` (taken over: c10d closes it) so that it listens only where the caller bound;
+// listen_fd < 0 lets c10d bind every interface on `port`. wait_workers > 0: every process (server and clients alike) counts
 // itself in, and the server's constructor waits until that many joined (itself included). timeout_ms bounds connecting, joining
 // and every later blocking get/wait.
 int sf_store_tcp(const char* host, uint16_t port, int is_server, int wait_workers,
-                 int64_t timeout_ms, sf_store** out, char** err) {
+                 int64_t timeout_ms, int listen_fd, sf_store** out, char** err) {
   return guarded(err, [&] {
     c10d::TCPStoreOptions opts;
     opts.port = port;
     opts.isServer = is_server != 0;
+    if (is_server != 0 && listen_fd >= 0) {
+      opts.masterListenFd = listen_fd;
+    }
     if (wait_workers > 0) {
       opts.numWorkers = static_cast<std::size_t>(wait_workers);
       opts.waitWorkers = true;
