@@ -134,3 +134,91 @@ fn two_nodes_on_loopback_train_as_one_group() {
     assert!(n0.wait().unwrap().success() && n1.wait().unwrap().success());
     assert_same(&single, &out, "two nodes");
 }
+
+/// Two nodes started with different recipes stop before the first step, both naming what
+/// differs, instead of training two different runs into one head (or hanging).
+#[test]
+fn ranks_with_different_recipes_stop_naming_the_difference() {
+    let fx = reference("ttt_reference.py", &["make", "{out}", "--seed", "3"]);
+    let dir = tempfile::tempdir().unwrap();
+    let r1 = recipe(dir.path(), &fx, 1);
+    let other = dir.path().join("other.toml");
+    std::fs::write(&other, std::fs::read_to_string(&r1).unwrap().replace("lr = 2e-4", "lr = 3e-4")).unwrap();
+    let port = free_port().to_string();
+    let node = |rank: &str, recipe: &Path| {
+        let mut c = bin();
+        c.args([
+            "launch",
+            "--nnodes",
+            "2",
+            "--node-rank",
+            rank,
+            "--nproc-per-node",
+            "1",
+            "--master-port",
+            &port,
+            "--",
+            "train",
+            "--recipe",
+        ])
+        .arg(recipe)
+        .arg("--out")
+        .arg(dir.path().join(format!("out-{rank}")))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+        c.spawn().unwrap()
+    };
+    let n1 = node("1", &other);
+    let n0 = node("0", &r1);
+    for n in [n0, n1] {
+        let o = n.wait_with_output().unwrap();
+        let e = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && e.contains("rank 1 disagrees with rank 0 on the recipe"), "{e}");
+    }
+}
+
+/// A rank whose every micro-batch of a step is skipped (non-finite features) still takes part in
+/// the gradient all-reduce: the job finishes instead of hanging on mismatched collectives.
+#[test]
+fn a_rank_with_only_skipped_batches_still_joins_the_collectives() {
+    use specforge_rs::weights::save_safetensors;
+    let fx = reference("ttt_reference.py", &["make", "{out}", "--seed", "3"]);
+    let dir = tempfile::tempdir().unwrap();
+    // Every sample but the first poisoned: whenever one rank holds sample 0, the other skips.
+    let src = fx.join("features");
+    let dst = dir.path().join("mostly-nan");
+    std::fs::create_dir_all(&dst).unwrap();
+    let name = "shard-00000-00000.safetensors";
+    let f = SafetensorsFile::open(&src.join(name)).unwrap();
+    let mut tensors: Vec<(String, Tensor)> = f.names().map(|n| (n.to_string(), f.tensor(n).unwrap())).collect();
+    let offsets: Vec<i64> = Vec::try_from(&f.tensor("offsets").unwrap()).unwrap();
+    for (n, t) in tensors.iter_mut() {
+        if n == "aux" {
+            for k in 1..offsets.len() - 1 {
+                let _ = t.get(offsets[k]).fill_(f64::NAN);
+            }
+        }
+    }
+    save_safetensors(&dst.join(name), &tensors, None).unwrap();
+    let bytes = std::fs::read(dst.join(name)).unwrap();
+    let mut m: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(src.join("manifest.json")).unwrap()).unwrap();
+    m["shards"][0]["xxh3"] = format!("{:016x}", xxhash_rust::xxh3::xxh3_64(&bytes)).into();
+    m["shards"][0]["bytes"] = bytes.len().into();
+    std::fs::write(dst.join("manifest.json"), serde_json::to_string_pretty(&m).unwrap()).unwrap();
+    let r = recipe(dir.path(), &fx, 1);
+    let text = std::fs::read_to_string(&r).unwrap().replace("collective_timeout_s = 60", "collective_timeout_s = 20");
+    std::fs::write(&r, text).unwrap();
+    let out = dir.path().join("run");
+    let o = bin()
+        .args(["launch", "--nproc-per-node", "2", "--master-port", &free_port().to_string(), "--", "train", "--recipe"])
+        .arg(&r)
+        .args(["--features", dst.to_str().unwrap(), "--out", out.to_str().unwrap()])
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let latest = std::fs::read_to_string(out.join("checkpoints/latest")).unwrap();
+    let state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("checkpoints").join(latest.trim()).join("state.json")).unwrap()).unwrap();
+    assert!(state["skipped_nonfinite"].as_u64().unwrap() > 0, "{state}");
+}

@@ -20,6 +20,8 @@ pub trait Collective {
     fn all_reduce_sum(&self, tensors: &mut [Tensor]) -> Result<()>;
     /// Copies rank `root`'s tensors into every rank's.
     fn broadcast(&self, tensors: &mut [Tensor], root: usize) -> Result<()>;
+    /// Every rank's `values` (the same length everywhere), indexed by rank.
+    fn all_gather_i64(&self, values: &[i64]) -> Result<Vec<Vec<i64>>>;
 }
 
 /// A single process: collectives are identities.
@@ -37,6 +39,9 @@ impl Collective for SingleProcess {
     }
     fn broadcast(&self, _: &mut [Tensor], _: usize) -> Result<()> {
         Ok(())
+    }
+    fn all_gather_i64(&self, values: &[i64]) -> Result<Vec<Vec<i64>>> {
+        Ok(vec![values.to_vec()])
     }
 }
 
@@ -116,6 +121,13 @@ impl Collective for DdpGroup {
             }
         }
         Ok(())
+    }
+
+    fn all_gather_i64(&self, values: &[i64]) -> Result<Vec<Vec<i64>>> {
+        // A CPU tensor: Gloo carries it whatever backend the gradients use.
+        let t = Tensor::from_slice(values);
+        let all = self.pg.all_gather(&t, self.timeout)?;
+        Ok(all.iter().map(|t| Vec::<i64>::try_from(t).unwrap_or_default()).collect())
     }
 }
 

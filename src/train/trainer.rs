@@ -8,7 +8,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use serde::Serialize;
-use tch::{Device, Tensor};
+use tch::{Device, Kind, Tensor};
 
 use super::checkpoint::{self, TrainState};
 use super::optim::{clip_grad_norm, lr_at, AdamW, AdamWConfig};
@@ -221,6 +221,32 @@ impl<'a> Trainer<'a> {
         Ok(t)
     }
 
+    /// Before the first step every rank checks that it runs the same thing as rank 0: the recipe,
+    /// the data fingerprint, the parameters' names and shapes, and where it resumes (node-local
+    /// run directories that disagree show up here). All ranks reach the same verdict, so a
+    /// mismatch stops every rank with one message instead of a hang.
+    fn agree(&self) -> Result<()> {
+        let hash = |s: &str| xxhash_rust::xxh3::xxh3_64(s.as_bytes()) as i64;
+        let shapes: String = self.params.iter().map(|(n, p)| format!("{n}{:?};", p.size())).collect();
+        let fields: [(&str, i64); 4] = [
+            ("recipe", hash(&self.recipe_toml)),
+            ("data_fingerprint", hash(&self.state.data_fingerprint)),
+            ("parameter shapes", hash(&shapes)),
+            ("resumed step (its run directory's latest checkpoint)", self.state.step as i64),
+        ];
+        let mine: Vec<i64> = fields.iter().map(|(_, v)| *v).collect();
+        let all = self.comm.all_gather_i64(&mine)?;
+        for (rank, theirs) in all.iter().enumerate() {
+            if let Some(i) = (0..fields.len()).find(|&i| theirs.get(i) != all[0].get(i)) {
+                return Err(Error::Input(format!(
+                    "rank {rank} disagrees with rank 0 on the {}: every rank must run the same recipe on the same data from the same checkpoint",
+                    fields[i].0
+                )));
+            }
+        }
+        Ok(())
+    }
+
     fn is_rank0(&self) -> bool {
         self.comm.rank() == 0
     }
@@ -275,6 +301,7 @@ impl<'a> Trainer<'a> {
             ));
         }
         self.state.data_fingerprint = fingerprint;
+        self.agree()?;
         let total = self.total_steps(data)?;
         self.state.total_steps = total;
         let warmup = (self.cfg.warmup_ratio * total as f64).ceil() as u64;
@@ -331,7 +358,17 @@ impl<'a> Trainer<'a> {
                 if self.state.micro % accum != 0 {
                     continue;
                 }
-                // Optimizer step: average gradients over ranks, clip, update.
+                // Optimizer step: average gradients over ranks, clip, update. A rank whose every
+                // micro-batch was skipped still has a gradient for each parameter (zeros), so
+                // all ranks reduce the same tensors.
+                if self.params.iter().any(|(_, p)| !p.grad().defined()) {
+                    let zero = self
+                        .params
+                        .iter()
+                        .map(|(_, p)| p.sum(p.kind()) * 0.0)
+                        .fold(Tensor::zeros([], (Kind::Float, self.device)), |a, b| a + b);
+                    zero.backward();
+                }
                 let mut grads: Vec<Tensor> = self.params.iter().map(|(_, p)| p.grad()).filter(Tensor::defined).collect();
                 tch::no_grad(|| -> Result<()> {
                     self.comm.all_reduce_sum(&mut grads)?;
