@@ -45,7 +45,13 @@ pub fn run(a: PushArgs) -> anyhow::Result<()> {
             println!("  {:<8} {:>10}  {}", push::local_mode(f)?.to_string(), human(f.size), f.path);
         }
         for s in &listing.skipped {
-            println!("  skipped  {s} (hidden)");
+            println!("  skipped  {s} (hidden or a symlink)");
+        }
+        if !listing.left_out.is_empty() {
+            println!("  files the last export did not write (stale, or added by hand) are left out:");
+        }
+        for s in &listing.left_out {
+            println!("  left out {s}");
         }
         println!("nothing was sent (regular / lfs is the local rule; the Hub decides on a real push)");
         return Ok(());
@@ -54,6 +60,10 @@ pub fn run(a: PushArgs) -> anyhow::Result<()> {
     tracing::info!("token from {source}");
     let hub = Hub::new(&endpoint, token)?;
     tracing::info!("pushing {} to {target}", a.dir.display());
+    println!(
+        "push: to {target}; if the repo does not exist it is created {}",
+        if a.private { "PRIVATE" } else { "PUBLIC (use --private to keep it private)" }
+    );
     let opts = PushOptions { repo, revision: a.revision, private: a.private, message };
     let done = push::push(&a.dir, &opts, &hub)?;
     for (f, mode) in &done.files {

@@ -125,6 +125,42 @@ pub fn validate(cfg: &Eagle3Config, config_json: &Value, tensors: &[(String, Ten
     Ok(())
 }
 
+/// The record of the files an export directory's last export wrote (hidden, so never pushed
+/// itself): `push` uploads exactly these and names anything else in the directory as left out.
+pub const RECORD: &str = ".specforge-export.json";
+
+/// Adds `names` (paths relative to `dir`) to the record of files the export wrote; `fresh`
+/// starts a new record (a new export: what an older one wrote becomes stale).
+pub fn record_files(dir: &Path, names: &[&str], fresh: bool) -> Result<()> {
+    let mut files = if fresh { Vec::new() } else { recorded_files(dir)?.unwrap_or_default() };
+    for n in names {
+        if !files.iter().any(|f| f == n) {
+            files.push(n.to_string());
+        }
+    }
+    files.sort();
+    let text = serde_json::to_string_pretty(&json!({"written_by": "specforge-rs export", "files": files}))
+        .map_err(|e| Error::Input(e.to_string()))?;
+    crate::util::fs::write_atomic(&dir.join(RECORD), text.as_bytes())
+}
+
+/// The files the last export into `dir` wrote, when it recorded them.
+pub fn recorded_files(dir: &Path) -> Result<Option<Vec<String>>> {
+    let p = dir.join(RECORD);
+    if !p.is_file() {
+        return Ok(None);
+    }
+    let v: Value = crate::error::read_json(&p)?;
+    let files = v
+        .get("files")
+        .and_then(Value::as_array)
+        .ok_or_else(|| Error::config(&p, "files", "is missing or not a list"))?
+        .iter()
+        .map(|f| f.as_str().map(str::to_string).ok_or_else(|| Error::config(&p, "files", format!("holds a non-string {f}"))))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Some(files))
+}
+
 /// Writes the export of `draft` to `out` (validated first; nothing is written if it fails).
 pub fn export(draft: &Eagle3Draft, out: &Path, format: Format, verifier: Option<&str>) -> Result<PathBuf> {
     let mut config = draft.cfg.to_export_json();
@@ -153,6 +189,7 @@ pub fn export(draft: &Eagle3Draft, out: &Path, format: Format, verifier: Option<
     let cfg_path = out.join("config.json");
     let text = serde_json::to_string_pretty(&config).map_err(|e| Error::Input(e.to_string()))?;
     crate::util::fs::write_atomic(&cfg_path, text.as_bytes())?;
+    record_files(out, &["config.json", "model.safetensors"], true)?;
     Ok(out.to_path_buf())
 }
 

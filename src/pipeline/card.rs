@@ -140,14 +140,17 @@ pub fn write(dir: &Path, recipe: &Recipe, summary: &CardFacts, metrics: &Path) -
     let plots = plots(dir, summary, metrics)?;
     if !plots.is_empty() {
         let _ = writeln!(s, "## Curves\n");
-        for (file, caption) in plots {
+        for (file, caption) in &plots {
             let _ = writeln!(s, "![{caption}]({file})\n");
         }
     }
     let _ = writeln!(s, "## Recipe\n\n```toml\n{}```", recipe.to_toml());
     write_atomic(&dir.join("README.md"), s.as_bytes())?;
+    let mut written: Vec<String> = plots.iter().map(|(f, _)| f.clone()).collect();
+    written.push("README.md".into());
     if metrics.exists() {
         write_atomic(&dir.join("training_metrics.jsonl"), &crate::error::read_bytes(metrics)?)?;
+        written.push("training_metrics.jsonl".into());
     }
-    Ok(())
+    crate::export::record_files(dir, &written.iter().map(String::as_str).collect::<Vec<_>>(), false)
 }

@@ -364,8 +364,12 @@ pub struct Listing {
     /// The files, sorted by path.
     pub files: Vec<LocalFile>,
     /// Hidden files and directories (a leading `.`: `.git`, `.cache`, temporaries of an
-    /// interrupted write) and directory symlinks, which are not pushed.
+    /// interrupted write) and symlinks (never followed: one could point at a private file), which
+    /// are not pushed.
     pub skipped: Vec<String>,
+    /// Regular files the last export did not write (stale files of an older export, or added
+    /// by hand), named and not pushed. Empty for a head without an export record.
+    pub left_out: Vec<String>,
 }
 
 /// Checks that `dir` is an export, with export's own validator (config, every tensor's name,
@@ -381,8 +385,16 @@ pub fn check_export(dir: &Path) -> Result<()> {
 pub fn collect(dir: &Path) -> Result<Listing> {
     let mut listing = Listing::default();
     walk(dir, "", &mut listing)?;
+    if let Some(written) =
+        crate::export::recorded_files(dir).map_err(|e| PushError::NotAnExport { dir: dir.to_path_buf(), reason: e.to_string() })?
+    {
+        let (keep, stale): (Vec<LocalFile>, Vec<LocalFile>) = listing.files.into_iter().partition(|f| written.contains(&f.path));
+        listing.files = keep;
+        listing.left_out = stale.into_iter().map(|f| f.path).collect();
+    }
     listing.files.sort_by(|a, b| a.path.cmp(&b.path));
     listing.skipped.sort();
+    listing.left_out.sort();
     Ok(listing)
 }
 
@@ -400,14 +412,10 @@ fn walk(dir: &Path, prefix: &str, out: &mut Listing) -> Result<()> {
             out.skipped.push(rel);
             continue;
         }
-        let link = std::fs::symlink_metadata(&abs).map_err(|e| PushError::io(&abs, e))?;
-        let meta = std::fs::metadata(&abs).map_err(|e| PushError::io(&abs, e))?;
+        // The entry itself, never what a symlink points at.
+        let meta = std::fs::symlink_metadata(&abs).map_err(|e| PushError::io(&abs, e))?;
         if meta.is_dir() {
-            if link.file_type().is_symlink() {
-                out.skipped.push(rel);
-            } else {
-                walk(&abs, &format!("{rel}/"), out)?;
-            }
+            walk(&abs, &format!("{rel}/"), out)?;
         } else if meta.is_file() {
             out.files.push(LocalFile { path: rel, abs, size: meta.len() });
         } else {
@@ -496,7 +504,10 @@ pub fn push(dir: &Path, opts: &PushOptions, hub: &Hub) -> Result<Pushed> {
     check_revision(&opts.revision)?;
     let listing = collect(dir)?;
     for s in &listing.skipped {
-        tracing::info!("skipping {s} (hidden or a directory symlink)");
+        tracing::info!("skipping {s} (hidden or a symlink)");
+    }
+    for s in &listing.left_out {
+        tracing::warn!("leaving out {s}: the last export did not write it (stale, or added by hand)");
     }
     let created = hub.create_repo(&opts.repo, opts.private)?;
     if created {
@@ -630,10 +641,24 @@ mod tests {
         std::fs::write(d.join(".model.safetensors.tmp-1"), b"partial").unwrap();
         std::fs::create_dir(d.join("sub")).unwrap();
         std::fs::write(d.join("sub/notes.md"), "hi").unwrap();
+        // Symlinks are never followed: not to a private file, not to a directory.
+        let private = tempfile::tempdir().unwrap();
+        std::fs::write(private.path().join("id_rsa"), "secret").unwrap();
+        std::os::unix::fs::symlink(private.path().join("id_rsa"), d.join("key.txt")).unwrap();
+        std::os::unix::fs::symlink(private.path(), d.join("home")).unwrap();
         let l = collect(d).unwrap();
         let names: Vec<&str> = l.files.iter().map(|f| f.path.as_str()).collect();
         assert_eq!(names, ["blob.dat", "config.json", "empty.bin", "model.safetensors", "plot.png", "sub/notes.md"]);
-        assert_eq!(l.skipped, [".model.safetensors.tmp-1"]);
+        assert_eq!(l.skipped, [".model.safetensors.tmp-1", "home", "key.txt"]);
+        assert!(l.left_out.is_empty());
+        // With an export record, only what the export wrote goes; the rest is named.
+        crate::export::record_files(d, &["config.json", "model.safetensors", "plot.png"], true).unwrap();
+        let r = collect(d).unwrap();
+        let names: Vec<&str> = r.files.iter().map(|f| f.path.as_str()).collect();
+        assert_eq!(names, ["config.json", "model.safetensors", "plot.png"]);
+        assert_eq!(r.left_out, ["blob.dat", "empty.bin", "sub/notes.md"]);
+        std::fs::remove_file(d.join(crate::export::RECORD)).unwrap();
+        let l = collect(d).unwrap();
         let modes: Vec<UploadMode> = l.files.iter().map(|f| local_mode(f).unwrap()).collect();
         use UploadMode::*;
         assert_eq!(modes, [Lfs, Regular, Regular, Lfs, Lfs, Regular]);
