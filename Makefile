@@ -17,6 +17,7 @@ demo: build
 # oversubscribing the cores run ~10x slower than single-threaded ones.
 test: setup
 	OMP_NUM_THREADS=1 $(CARGO) test --no-fail-fast
+	@cat target/reliability-summary.txt 2>/dev/null || true
 
 bench: build
 	@scripts/bench.sh

@@ -49,6 +49,7 @@ pub struct EvalResult {
 
 /// Runs `eval` with its own target and the head at `job.draft`.
 pub fn run(job: &EvalJob, rt: &Runtime) -> Result<EvalResult> {
+    job.eval.validate().map_err(|(f, m)| Error::config("eval", f, m))?;
     let target = LoadedTarget::open(&job.target, rt)?;
     let head = crate::train::checkpoint::head_dir(&job.draft)?;
     let draft = Eagle3Draft::load(&head, rt.device)?;
