@@ -487,6 +487,19 @@ fn kill_9_during_extract_then_rerun_equals_uninterrupted() {
     assert!(!o.status.success() && e.contains("run.tokenizer_xxh3"), "{e}");
 }
 
+/// Samples `0..n` of chunks `a` and `b` hold bit-identical features.
+fn assert_same_features(a: &Path, b: &Path, n: usize) {
+    let chunks = vec![Chunk::open(a).unwrap(), Chunk::open(b).unwrap()];
+    for i in 0..n as i64 {
+        let find = |c: usize| (0..chunks[c].num_samples()).find(|&k| chunks[c].sample_index(k) == Some(i)).unwrap();
+        let len = chunks[0].sample_len(find(0));
+        let spec = |c: usize| BatchSpec { samples: vec![SampleRef { chunk: c as u32, sample: find(c) as u32 }], seq_len: len, tokens: len };
+        let x = load_batch(&chunks, &spec(0), Device::Cpu).unwrap();
+        let y = load_batch(&chunks, &spec(1), Device::Cpu).unwrap();
+        assert!(bits(&x.aux).equal(&bits(&y.aux)) && bits(&x.last_hidden).equal(&bits(&y.last_hidden)), "sample {i}");
+    }
+}
+
 #[test]
 fn ranks_take_disjoint_slices_of_one_chunk() {
     let model = tiny_target();
@@ -534,15 +547,7 @@ fn ranks_take_disjoint_slices_of_one_chunk() {
         assert_eq!(sample_indices(dir), (0..n as i64).collect::<Vec<_>>());
     }
     // Same features per sample as the single-process run.
-    let chunks = vec![Chunk::open(&single).unwrap(), Chunk::open(&multi2).unwrap()];
-    for i in 0..n as i64 {
-        let find = |c: usize| (0..chunks[c].num_samples()).find(|&k| chunks[c].sample_index(k) == Some(i)).unwrap();
-        let len = chunks[0].sample_len(find(0));
-        let spec = |c: usize| BatchSpec { samples: vec![SampleRef { chunk: c as u32, sample: find(c) as u32 }], seq_len: len, tokens: len };
-        let x = load_batch(&chunks, &spec(0), Device::Cpu).unwrap();
-        let y = load_batch(&chunks, &spec(1), Device::Cpu).unwrap();
-        assert!(bits(&x.aux).equal(&bits(&y.aux)) && bits(&x.last_hidden).equal(&bits(&y.last_hidden)), "sample {i}");
-    }
+    assert_same_features(&single, &multi2, n);
     // A bad RANK is named.
     let mut c = cmd(&extract_args(m, d, ms, &[]));
     c.env("RANK", "3").env("WORLD_SIZE", "3");
@@ -585,15 +590,7 @@ fn slurm_tasks_take_disjoint_slices_of_one_chunk() {
     assert_eq!(ranks, BTreeSet::from([0, 1]));
     assert_eq!(sample_indices(&slurm), (0..n as i64).collect::<Vec<_>>());
     assert_eq!(sample_indices(&single), sample_indices(&slurm));
-    let chunks = vec![Chunk::open(&single).unwrap(), Chunk::open(&slurm).unwrap()];
-    for i in 0..n as i64 {
-        let find = |c: usize| (0..chunks[c].num_samples()).find(|&k| chunks[c].sample_index(k) == Some(i)).unwrap();
-        let len = chunks[0].sample_len(find(0));
-        let spec = |c: usize| BatchSpec { samples: vec![SampleRef { chunk: c as u32, sample: find(c) as u32 }], seq_len: len, tokens: len };
-        let x = load_batch(&chunks, &spec(0), Device::Cpu).unwrap();
-        let y = load_batch(&chunks, &spec(1), Device::Cpu).unwrap();
-        assert!(bits(&x.aux).equal(&bits(&y.aux)) && bits(&x.last_hidden).equal(&bits(&y.last_hidden)), "sample {i}");
-    }
+    assert_same_features(&single, &slurm, n);
 }
 
 #[test]

@@ -88,6 +88,15 @@ fn kill_after(c: &mut Command, delay: Duration) -> bool {
     true
 }
 
+/// A recipe training the TTT fixture `fx` (a checkpoint every step), plus `extra` `[train]` keys.
+fn train_recipe(fx: &Path, extra: &str) -> String {
+    format!(
+        "[target]\nname = {:?}\ndtype = \"f32\"\n\n[data]\nfeatures = [{:?}]\n\n[draft]\nvariant = \"eagle3.1\"\naux_layer_ids = [1, 2, 3]\ndraft_vocab_size = 256\n\n[train]\nttt_steps = 3\nlr = 3e-3\nepochs = 4\nmax_batch_size = 1\nsave_every = 1\nseed = 5\n{extra}",
+        fx.join("target").to_str().unwrap(),
+        fx.join("features").to_str().unwrap()
+    )
+}
+
 /// kill -9 at seeded random moments, then the same command: the result equals an uninterrupted
 /// run's, byte for byte.
 #[test]
@@ -124,15 +133,7 @@ fn kill_9_at_random_moments_then_rerun_gives_the_same_bytes() {
     // train: the TTT fixture, a checkpoint every step.
     let fx = reference("ttt_reference.py", &["make", "{out}", "--eagle31", "--seed", "1"]);
     let recipe = tmp.path().join("train.toml");
-    std::fs::write(
-        &recipe,
-        format!(
-            "[target]\nname = {:?}\ndtype = \"f32\"\n\n[data]\nfeatures = [{:?}]\n\n[draft]\nvariant = \"eagle3.1\"\naux_layer_ids = [1, 2, 3]\ndraft_vocab_size = 256\n\n[train]\nttt_steps = 3\nlr = 3e-3\nepochs = 4\nmax_batch_size = 1\nsave_every = 1\nkeep_last = 2\nseed = 5\n",
-            fx.join("target").to_str().unwrap(),
-            fx.join("features").to_str().unwrap()
-        ),
-    )
-    .unwrap();
+    std::fs::write(&recipe, train_recipe(&fx, "keep_last = 2\n")).unwrap();
     let train = |out: &Path| {
         let mut c = bin();
         c.args(["train", "--recipe", recipe.to_str().unwrap(), "--out", out.to_str().unwrap()]);
@@ -245,14 +246,7 @@ fn a_full_disk_leaves_the_previous_state_usable() {
     // A checkpoint: the next one fails; the last good one is what export and resume use.
     let fx = reference("ttt_reference.py", &["make", "{out}", "--eagle31", "--seed", "1"]);
     let recipe = tmp.path().join("train.toml");
-    let text = |steps: u64| {
-        format!(
-            "[target]\nname = {:?}\ndtype = \"f32\"\n\n[data]\nfeatures = [{:?}]\n\n[draft]\nvariant = \"eagle3.1\"\naux_layer_ids = [1, 2, 3]\ndraft_vocab_size = 256\n\n[train]\nttt_steps = 3\nlr = 3e-3\nepochs = 4\nmax_batch_size = 1\nsave_every = 1\nseed = 5\nmax_steps = {steps}\n",
-            fx.join("target").to_str().unwrap(),
-            fx.join("features").to_str().unwrap()
-        )
-    };
-    std::fs::write(&recipe, text(2)).unwrap();
+    std::fs::write(&recipe, train_recipe(&fx, "max_steps = 2\n")).unwrap();
     let run = tmp.path().join("run");
     let train = || {
         let mut c = bin();

@@ -339,3 +339,32 @@ pub fn vocab_maps(t2d: &Tensor, vocab: i64, draft_vocab: i64, device: Device) ->
     let d2t = &ids - Tensor::arange(draft_vocab, (Kind::Int64, device));
     Ok((d2t, t2d))
 }
+
+/// A 16-wide random head over a 40-token vocabulary (draft ids = target ids 3..13), for unit
+/// tests of the modules that take a head.
+#[cfg(test)]
+pub(crate) fn tiny_draft(eagle31: bool) -> Eagle3Draft {
+    let cfg = Eagle3Config {
+        hidden_size: 16,
+        target_hidden_size: 16,
+        num_attention_heads: 2,
+        num_key_value_heads: 1,
+        head_dim: 8,
+        intermediate_size: 24,
+        rms_norm_eps: 1e-6,
+        rope_theta: 10000.0,
+        max_position_embeddings: 4096,
+        vocab_size: 40,
+        draft_vocab_size: 10,
+        aux_layer_ids: vec![1, 2, 3],
+        fc_norm: eagle31,
+        norm_output: eagle31,
+        norm_before_fc: false,
+    };
+    let t2d = Tensor::zeros([40], (Kind::Bool, Device::Cpu));
+    let _ = t2d.narrow(0, 3, 10).fill_(1);
+    match Eagle3Draft::new(cfg, &t2d, Device::Cpu) {
+        Ok(d) => d,
+        Err(e) => panic!("the tiny test head builds: {e}"),
+    }
+}

@@ -229,28 +229,7 @@ mod tests {
     use super::*;
     use tch::Device;
 
-    fn tiny(eagle31: bool) -> Eagle3Draft {
-        let cfg = Eagle3Config {
-            hidden_size: 16,
-            target_hidden_size: 16,
-            num_attention_heads: 2,
-            num_key_value_heads: 1,
-            head_dim: 8,
-            intermediate_size: 24,
-            rms_norm_eps: 1e-6,
-            rope_theta: 10000.0,
-            max_position_embeddings: 4096,
-            vocab_size: 40,
-            draft_vocab_size: 10,
-            aux_layer_ids: vec![1, 2, 3],
-            fc_norm: eagle31,
-            norm_output: eagle31,
-            norm_before_fc: false,
-        };
-        let t2d = Tensor::zeros([40], (Kind::Bool, Device::Cpu));
-        let _ = t2d.narrow(0, 3, 10).fill_(1);
-        Eagle3Draft::new(cfg, &t2d, Device::Cpu).unwrap()
-    }
+    use crate::draft::tiny_draft as tiny;
 
     /// Export, then each serving pitfall that applies to a file we write is rejected.
     #[test]

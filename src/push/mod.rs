@@ -675,26 +675,7 @@ mod tests {
         std::fs::write(d.join("config.json"), r#"{"architectures": ["LlamaForCausalLM"]}"#).unwrap();
         assert!(err(d).contains("LlamaForCausalLMEagle3"));
         // A real export passes; junk or a missing tensor in its weights does not.
-        let cfg = crate::draft::Eagle3Config {
-            hidden_size: 16,
-            target_hidden_size: 16,
-            num_attention_heads: 2,
-            num_key_value_heads: 1,
-            head_dim: 8,
-            intermediate_size: 24,
-            rms_norm_eps: 1e-6,
-            rope_theta: 10000.0,
-            max_position_embeddings: 4096,
-            vocab_size: 40,
-            draft_vocab_size: 10,
-            aux_layer_ids: vec![1, 2, 3],
-            fc_norm: true,
-            norm_output: true,
-            norm_before_fc: false,
-        };
-        let t2d = tch::Tensor::zeros([40], (tch::Kind::Bool, tch::Device::Cpu));
-        let _ = t2d.narrow(0, 3, 10).fill_(1);
-        let draft = crate::draft::Eagle3Draft::new(cfg, &t2d, tch::Device::Cpu).unwrap();
+        let draft = crate::draft::tiny_draft(true);
         crate::export::export(&draft, d, crate::export::Format::Vllm, None).unwrap();
         check_export(d).unwrap();
         let other = tempfile::tempdir().unwrap();

@@ -175,35 +175,11 @@ mod tests {
     use tch::{Device, Kind, Tensor};
 
     use super::*;
-    use crate::draft::{Eagle3Config, Eagle3Draft};
-
-    fn tiny() -> Eagle3Draft {
-        let cfg = Eagle3Config {
-            hidden_size: 16,
-            target_hidden_size: 16,
-            num_attention_heads: 2,
-            num_key_value_heads: 1,
-            head_dim: 8,
-            intermediate_size: 24,
-            rms_norm_eps: 1e-6,
-            rope_theta: 10000.0,
-            max_position_embeddings: 4096,
-            vocab_size: 40,
-            draft_vocab_size: 10,
-            aux_layer_ids: vec![1, 2, 3],
-            fc_norm: false,
-            norm_output: false,
-            norm_before_fc: false,
-        };
-        let t2d = Tensor::zeros([40], (Kind::Bool, Device::Cpu));
-        let _ = t2d.narrow(0, 3, 10).fill_(1);
-        Eagle3Draft::new(cfg, &t2d, Device::Cpu).unwrap()
-    }
 
     #[test]
     fn a_damaged_latest_checkpoint_falls_back_to_the_newest_intact() {
         let run = tempfile::tempdir().unwrap();
-        let draft = tiny();
+        let draft = crate::draft::tiny_draft(false);
         let opt = vec![("m".to_string(), Tensor::ones([3], (Kind::Float, Device::Cpu)))];
         for step in 1..=3 {
             let state = TrainState { step, ..Default::default() };
