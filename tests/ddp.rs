@@ -194,8 +194,8 @@ fn a_rank_with_only_skipped_batches_still_joins_the_collectives() {
     let offsets: Vec<i64> = Vec::try_from(&f.tensor("offsets").unwrap()).unwrap();
     for (n, t) in tensors.iter_mut() {
         if n == "aux" {
-            for k in 1..offsets.len() - 1 {
-                let _ = t.get(offsets[k]).fill_(f64::NAN);
+            for &start in &offsets[1..offsets.len() - 1] {
+                let _ = t.get(start).fill_(f64::NAN);
             }
         }
     }

@@ -354,7 +354,8 @@ fn bad_inputs_end_in_a_clear_error_or_a_counted_skip() {
         std::fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
         dir
     };
-    let cases: Vec<(&str, Box<dyn Fn(&mut serde_json::Value)>)> = vec![
+    type Edit = Box<dyn Fn(&mut serde_json::Value)>;
+    let cases: Vec<(&str, Edit)> = vec![
         ("zero heads", Box::new(|c| c["num_attention_heads"] = 0.into())),
         ("negative kv heads", Box::new(|c| c["num_key_value_heads"] = (-2).into())),
         ("kv heads not dividing heads", Box::new(|c| c["num_key_value_heads"] = 3.into())),
@@ -380,7 +381,8 @@ fn bad_inputs_end_in_a_clear_error_or_a_counted_skip() {
     }
 
     // Weights: truncated, junk header, a pickle checkpoint instead of safetensors.
-    let weights_cases: [(&str, &dyn Fn(&Path)); 3] = [
+    type Damage<'a> = &'a dyn Fn(&Path);
+    let weights_cases: [(&str, Damage); 3] = [
         ("truncated safetensors", &|dir: &Path| {
             let p = dir.join("model.safetensors");
             let b = std::fs::read(&p).unwrap();
@@ -534,7 +536,7 @@ fn bad_inputs_end_in_a_clear_error_or_a_counted_skip() {
         ),
         ("regenerate --out = --data", vec!["regenerate", "--target", m, "--data", d, "--out", d]),
     ] {
-        refused(what, &mut bin().args(&args));
+        refused(what, bin().args(&args));
     }
     let total = kinds + dataset_kinds;
     assert!(total >= 30, "{total} kinds");
