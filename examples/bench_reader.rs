@@ -178,6 +178,8 @@ fn write_chunk(dir: &std::path::Path, lengths: &[usize], hidden: i64, num_aux: u
             shard_bytes: 256_000_000,
             planned_samples: lengths.len(),
             planned_tokens: sum as u64,
+            batch_tokens: 0,
+            max_batch_size: 0,
             tokenizer_xxh3: String::new(),
             chunk: 0,
             chunk_samples: 0,

@@ -46,6 +46,8 @@ fn run_info(data: &Path) -> RunInfo {
         shard_bytes: 0,
         planned_samples: 0,
         planned_tokens: 0,
+        batch_tokens: 0,
+        max_batch_size: 0,
         tokenizer_xxh3: String::new(),
         chunk: 0,
         chunk_samples: 0,
@@ -468,7 +470,11 @@ fn kill_9_during_extract_then_rerun_equals_uninterrupted() {
     let o = run(&extract_args(m, d, bs, &["--aux-layers", "1,3"]));
     let e = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && e.contains("aux_layer_ids"), "{e}");
-    // So is another --limit, and another tokenizer or chat template (same config.json).
+    // So is other batching (it changes the features' low bits), another --limit, and another
+    // tokenizer or chat template (same config.json).
+    let o = run(&extract_args(m, d, bs, &["--max-batch-size", "3"]));
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && e.contains("run.max_batch_size"), "{e}");
     let o = run(&extract_args(m, d, bs, &["--limit", "3"]));
     let e = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && e.contains("run.planned_samples"), "{e}");

@@ -417,6 +417,9 @@ fn push_sends_every_file_byte_identical_and_never_the_token() {
     let (ok, out) = run(push_cmd(&hub, tmp.path(), &args).env("HF_TOKEN", TOKEN));
     assert!(ok, "push failed:\n{out}");
     assert!(out.contains(&format!("commit: {}/my-org/tiny-eagle3/commit/", hub.base)), "{out}");
+    // Public or private is said before the repo is created.
+    let said = out.find("created PRIVATE").unwrap_or_else(|| panic!("visibility not said:\n{out}"));
+    assert!(out.find("commit:").is_some_and(|c| c > said), "{out}");
 
     let st = hub.state();
     assert_eq!(st.created_private, Some(true));

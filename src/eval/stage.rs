@@ -125,3 +125,28 @@ pub fn write_report(path: &Path, cfg: &EvalConfig, r: &EvalResult) -> Result<()>
         &[Series { name: "head".into(), points }],
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The plot goes beside the report, never over it (`--json X.png` keeps its JSON).
+    #[test]
+    fn the_plot_never_overwrites_the_report() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = EvalResult {
+            stats: SpecStats { num_drafts: 2, num_draft_tokens: 6, num_accepted_tokens: 3, ..Default::default() },
+            offline: 0,
+            live: 1,
+        };
+        let cfg = EvalConfig::default();
+        let json = dir.path().join("eval.json");
+        write_report(&json, &cfg, &r).unwrap();
+        assert!(dir.path().join("eval.png").is_file());
+        let odd = dir.path().join("report.png");
+        write_report(&odd, &cfg, &r).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&odd).unwrap()).unwrap();
+        assert_eq!(v["counters"]["num_drafts"], 2);
+        assert!(dir.path().join("report.png.png").is_file());
+    }
+}

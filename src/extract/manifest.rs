@@ -77,6 +77,13 @@ pub struct RunInfo {
     pub planned_samples: usize,
     /// Their tokens (all ranks).
     pub planned_tokens: u64,
+    /// Padded tokens per forward batch (which samples share a batch changes the features' low
+    /// bits, so a resume must batch the same way).
+    #[serde(default)]
+    pub batch_tokens: usize,
+    /// Samples per forward batch.
+    #[serde(default)]
+    pub max_batch_size: usize,
     /// The tokenizer and chat template that made the tokens (`Tokenizer::fingerprint`).
     #[serde(default)]
     pub tokenizer_xxh3: String,
@@ -166,6 +173,8 @@ impl Manifest {
             ("run.compute_dtype", self.run.compute_dtype.clone()),
             ("run.world_size", self.run.world_size.to_string()),
             ("run.shard_bytes", self.run.shard_bytes.to_string()),
+            ("run.batch_tokens", self.run.batch_tokens.to_string()),
+            ("run.max_batch_size", self.run.max_batch_size.to_string()),
             ("run.tokenizer_xxh3", self.run.tokenizer_xxh3.clone()),
             ("run.chunk", self.run.chunk.to_string()),
             ("run.chunk_samples", self.run.chunk_samples.to_string()),

@@ -130,6 +130,8 @@ pub fn run_samples(target: &LoadedTarget, job: &ExtractJob, all: &[Sample], rt: 
             shard_bytes: e.shard_size.0,
             planned_samples: 0,
             planned_tokens: 0,
+            batch_tokens: e.batch_tokens,
+            max_batch_size: e.max_batch_size,
             tokenizer_xxh3: target.tok.fingerprint.clone(),
             chunk: job.chunk,
             chunk_samples: job.dataset.chunk_samples,

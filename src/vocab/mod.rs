@@ -347,6 +347,12 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_report_never_overwrites_the_vocabulary() {
+        assert_eq!(report_path(Path::new("v.safetensors")), Path::new("v.json"));
+        assert_eq!(report_path(Path::new("v.json")), Path::new("v.json.report.json"));
+    }
+
+    #[test]
     fn ties_forced_and_padding() {
         // ids:    0  1  2  3  4  5  6  7
         let counts = [0, 5, 3, 3, 9, 0, 3, 0];
