@@ -27,6 +27,16 @@ fn recipe(dir: &Path, fx: &Path, accum: u64) -> PathBuf {
     p
 }
 
+/// `launch` as node `rank` of a 2-node job (one rank each) training `recipe` into `out`.
+fn node(port: &str, rank: &str, recipe: &Path, out: &Path) -> Command {
+    let mut c = bin();
+    c.args(["launch", "--nnodes", "2", "--node-rank", rank, "--nproc-per-node", "1", "--master-port", port, "--", "train", "--recipe"])
+        .arg(recipe)
+        .arg("--out")
+        .arg(out);
+    c
+}
+
 fn bin() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_specforge-rs"));
     c.env("OMP_NUM_THREADS", "1").stdout(Stdio::null());
@@ -107,28 +117,7 @@ fn two_nodes_on_loopback_train_as_one_group() {
     let r1 = recipe(dir.path(), &fx, 1);
     let port = free_port().to_string();
     let out = dir.path().join("two-nodes");
-    let node = |rank: &str| {
-        bin()
-            .args([
-                "launch",
-                "--nnodes",
-                "2",
-                "--node-rank",
-                rank,
-                "--nproc-per-node",
-                "1",
-                "--master-port",
-                &port,
-                "--",
-                "train",
-                "--recipe",
-            ])
-            .arg(&r1)
-            .arg("--out")
-            .arg(&out)
-            .spawn()
-            .unwrap()
-    };
+    let node = |rank: &str| node(&port, rank, &r1, &out).spawn().unwrap();
     let mut n1 = node("1");
     let mut n0 = node("0");
     assert!(n0.wait().unwrap().success() && n1.wait().unwrap().success());
@@ -146,27 +135,7 @@ fn ranks_with_different_recipes_stop_naming_the_difference() {
     std::fs::write(&other, std::fs::read_to_string(&r1).unwrap().replace("lr = 2e-4", "lr = 3e-4")).unwrap();
     let port = free_port().to_string();
     let node = |rank: &str, recipe: &Path| {
-        let mut c = bin();
-        c.args([
-            "launch",
-            "--nnodes",
-            "2",
-            "--node-rank",
-            rank,
-            "--nproc-per-node",
-            "1",
-            "--master-port",
-            &port,
-            "--",
-            "train",
-            "--recipe",
-        ])
-        .arg(recipe)
-        .arg("--out")
-        .arg(dir.path().join(format!("out-{rank}")))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-        c.spawn().unwrap()
+        node(&port, rank, recipe, &dir.path().join(format!("out-{rank}"))).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap()
     };
     let n1 = node("1", &other);
     let n0 = node("0", &r1);

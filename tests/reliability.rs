@@ -97,6 +97,32 @@ fn train_recipe(fx: &Path, extra: &str) -> String {
     )
 }
 
+/// Runs `cmd(dir)` uninterrupted, then `points` times in fresh directories killed at a seeded
+/// moment within the uninterrupted run's duration and run again to the end; every outcome must
+/// equal the uninterrupted one. Returns how many kills landed while the command ran.
+fn kill_points<T: PartialEq>(
+    tmp: &Path,
+    name: &str,
+    points: usize,
+    rng: &mut Lcg,
+    cmd: &dyn Fn(&Path) -> Command,
+    outcome: &dyn Fn(&Path) -> T,
+) -> usize {
+    let straight = tmp.join(format!("{name}-straight"));
+    let t = Instant::now();
+    ok(&mut cmd(&straight));
+    let span = t.elapsed();
+    let want = outcome(&straight);
+    let mut kills = 0;
+    for i in 0..points {
+        let out = tmp.join(format!("{name}-{i}"));
+        kills += kill_after(&mut cmd(&out), span.mul_f64(rng.next())) as usize;
+        ok(&mut cmd(&out));
+        assert!(outcome(&out) == want, "{name} killed at point {i}: the result differs from an uninterrupted run's");
+    }
+    kills
+}
+
 /// kill -9 at seeded random moments, then the same command: the result equals an uninterrupted
 /// run's, byte for byte.
 #[test]
@@ -116,19 +142,9 @@ fn kill_9_at_random_moments_then_rerun_gives_the_same_bytes() {
                 .args(["--shard-size", "200k", "--batch-tokens", "1024"]);
             c
         };
-    let straight = tmp.path().join("extract-straight");
-    let t = Instant::now();
-    ok(&mut extract(&straight));
-    let span = t.elapsed();
     let shards = |d: &Path| tree(d, &|f: &str| f.ends_with(".safetensors"));
-    let want = shards(&straight);
-    assert!(want.len() >= 3, "{} shards", want.len());
-    for i in 0..8 {
-        let out = tmp.path().join(format!("extract-{i}"));
-        kills += kill_after(&mut extract(&out), span.mul_f64(rng.next())) as usize;
-        ok(&mut extract(&out));
-        assert!(shards(&out) == want, "extract killed at point {i}: shards differ");
-    }
+    kills += kill_points(tmp.path(), "extract", 8, &mut rng, &extract, &shards);
+    assert!(shards(&tmp.path().join("extract-straight")).len() >= 3, "several shards");
 
     // train: the TTT fixture, a checkpoint every step.
     let fx = reference("ttt_reference.py", &["make", "{out}", "--eagle31", "--seed", "1"]);
@@ -144,17 +160,7 @@ fn kill_9_at_random_moments_then_rerun_gives_the_same_bytes() {
         let latest = std::fs::read_to_string(root.join("latest")).unwrap();
         std::fs::read(root.join(latest.trim()).join("model.safetensors")).unwrap()
     };
-    let straight = tmp.path().join("train-straight");
-    let t = Instant::now();
-    ok(&mut train(&straight));
-    let span = t.elapsed();
-    let want = head(&straight);
-    for i in 0..8 {
-        let out = tmp.path().join(format!("train-{i}"));
-        kills += kill_after(&mut train(&out), span.mul_f64(rng.next())) as usize;
-        ok(&mut train(&out));
-        assert!(head(&out) == want, "train killed at point {i}: final weights differ");
-    }
+    kills += kill_points(tmp.path(), "train", 8, &mut rng, &train, &head);
 
     // run: the whole pipeline on the tiny target.
     let run_recipe = tmp.path().join("run.toml");
@@ -177,17 +183,7 @@ fn kill_9_at_random_moments_then_rerun_gives_the_same_bytes() {
         s.as_object_mut().unwrap().remove("export_dir");
         (std::fs::read(out.join("export/model.safetensors")).unwrap(), s)
     };
-    let straight = tmp.path().join("run-straight");
-    let t = Instant::now();
-    ok(&mut run(&straight));
-    let span = t.elapsed();
-    let want = outcome(&straight);
-    for i in 0..5 {
-        let out = tmp.path().join(format!("run-{i}"));
-        kills += kill_after(&mut run(&out), span.mul_f64(rng.next())) as usize;
-        ok(&mut run(&out));
-        assert!(outcome(&out) == want, "run killed at point {i}: export or summary differs");
-    }
+    kills += kill_points(tmp.path(), "run", 5, &mut rng, &run, &outcome);
     assert!(kills >= 15, "only {kills} of 21 seeded moments fell inside a run");
     record("kill -9 points (extract 8, train 8, run 5 seeded moments; every rerun byte-identical)", kills);
 }
