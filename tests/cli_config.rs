@@ -30,7 +30,7 @@ fn stages() -> Vec<(&'static str, Vec<&'static str>, Vec<&'static str>)> {
         ("regenerate", vec!["target", "data", "regenerate"], vec!["data", "out", "report"]),
         ("vocab", vec!["target", "data", "draft"], vec!["data", "shards", "out", "report"]),
         ("extract", vec!["target", "data", "draft", "extract"], vec!["data", "out", "chunk", "report"]),
-        ("train", vec![], vec!["recipe", "overrides", "features", "out", "init"]),
+        ("train", vec![], vec!["recipe", "overrides", "features", "out", "init", "draft_config"]),
         ("export", vec!["export"], vec!["checkpoint", "out"]),
         ("eval", vec!["target", "eval"], vec!["draft", "data", "json"]),
         ("generate", vec!["target", "regenerate", "data", "eval"], vec!["prompt", "prompts", "draft"]),

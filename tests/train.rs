@@ -182,3 +182,50 @@ fn resume_with_another_recipe_or_other_data_is_refused() {
     let (ok, e) = run(&[]);
     assert!(ok, "the same command resumes: {e}");
 }
+
+/// `train --draft-config` takes a SpecForge-style llama EAGLE-3 config.json: its fields set the
+/// head (here a narrower MLP than the target's), bookkeeping fields pass, and a field the head
+/// cannot honour is refused by name.
+#[test]
+fn a_specforge_draft_config_sets_the_head_or_is_refused_by_name() {
+    let fx = fixture();
+    let dir = tempfile::tempdir().unwrap();
+    let target: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fx.join("target/config.json")).unwrap()).unwrap();
+    let heads = target["num_attention_heads"].as_i64().unwrap();
+    let config = serde_json::json!({
+        "architectures": ["LlamaForCausalLMEagle3"], "model_type": "llama", "attention_dropout": 0.0, "bos_token_id": 1,
+        "eos_token_id": 2, "head_dim": target["hidden_size"].as_i64().unwrap() / heads, "hidden_act": "silu",
+        "hidden_size": target["hidden_size"], "initializer_range": 0.02, "intermediate_size": 24,
+        "max_position_embeddings": 2048, "num_attention_heads": heads, "num_hidden_layers": 1,
+        "num_key_value_heads": target["num_key_value_heads"].as_i64().unwrap_or(heads), "rms_norm_eps": 1e-6, "rope_scaling": null,
+        "rope_theta": 10000.0, "tie_word_embeddings": false, "torch_dtype": "bfloat16", "transformers_version": "4.57.0",
+        "use_cache": true, "use_sliding_window": false, "vocab_size": target["vocab_size"], "draft_vocab_size": 256,
+        "fc_norm": true, "norm_output": true,
+    });
+    let cfg_path = dir.path().join("specforge-eagle3.json");
+    std::fs::write(&cfg_path, config.to_string()).unwrap();
+    let r = recipe(dir.path(), &fx, "max_steps = 2\n");
+    let out = dir.path().join("run");
+    let o = train_cmd(&r, &out).arg("--draft-config").arg(&cfg_path).stderr(Stdio::piped()).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let latest = std::fs::read_to_string(out.join("checkpoints/latest")).unwrap();
+    let head: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("checkpoints").join(latest.trim()).join("config.json")).unwrap()).unwrap();
+    assert_eq!(head["intermediate_size"], 24, "{head}");
+    assert_eq!(head["eagle_aux_hidden_state_layer_ids"], serde_json::json!([1, 2, 3]));
+    for (field, value) in
+        [("num_experts", serde_json::json!(8)), ("hidden_act", serde_json::json!("gelu")), ("attention_bias", serde_json::json!(true))]
+    {
+        let mut bad = config.clone();
+        bad[field] = value;
+        std::fs::write(&cfg_path, bad.to_string()).unwrap();
+        let o = train_cmd(&r, &dir.path().join(format!("bad-{field}")))
+            .arg("--draft-config")
+            .arg(&cfg_path)
+            .stderr(Stdio::piped())
+            .output()
+            .unwrap();
+        let e = String::from_utf8_lossy(&o.stderr);
+        assert!(o.status.code() == Some(1) && e.contains(field), "{field}: {e}");
+    }
+}

@@ -219,6 +219,10 @@ pub struct DraftConfig {
     /// The draft vocabulary (`d2t` / `t2d` safetensors written by `vocab`); absent means the
     /// full target vocabulary (then `draft_vocab_size` must equal it).
     pub vocab: Option<PathBuf>,
+    /// A draft `config.json` from another tool (SpecForge's `configs/*-eagle3.json`, a vLLM
+    /// draft): it then sets the head's architecture, and its fields are honoured or refused by
+    /// name (`train --draft-config`).
+    pub config: Option<PathBuf>,
 }
 
 impl Default for DraftConfig {
@@ -230,6 +234,7 @@ impl Default for DraftConfig {
             intermediate_size: None,
             init_lm_head_from_target: true,
             vocab: None,
+            config: None,
         }
     }
 }
@@ -456,6 +461,7 @@ impl Recipe {
         r.data.eval_path.iter_mut().for_each(fix);
         r.data.features.iter_mut().for_each(fix);
         r.draft.vocab.iter_mut().for_each(fix);
+        r.draft.config.iter_mut().for_each(fix);
         Ok(r)
     }
 

@@ -86,7 +86,97 @@ impl Eagle3Config {
 
     /// Reads a flat EAGLE-3 `config.json` (ours, SpecForge's or speculators' flat form).
     pub fn from_file(path: &Path) -> Result<Self> {
-        let v: Value = read_json(path)?;
+        Self::from_value(&read_json(path)?, path)
+    }
+
+    /// A draft config written for another tool — a llama-style EAGLE-3 `config.json` as SpecForge's
+    /// `configs/*-eagle3.json` and vLLM's drafts have it — for a head on `target`. Fields that
+    /// change the head are honoured; fields that describe nothing this head computes are accepted
+    /// only at the value the head implements (`hidden_act: silu`, no biases, no dropout, ...);
+    /// anything else is refused by name, never silently dropped. Without aux ids in the file the
+    /// head reads `aux_ids`; the target's hidden size is the aux width unless the file says
+    /// `target_hidden_size` (which must then agree).
+    pub fn from_llama_eagle3(path: &Path, target: &TargetConfig, aux_ids: &[i64]) -> Result<Self> {
+        let mut v: Value = read_json(path)?;
+        let obj = v.as_object_mut().ok_or_else(|| Error::config(path, "config", "is not a JSON object"))?;
+        for (key, value) in obj.iter() {
+            let wants = |ok: bool, want: &str| {
+                if ok {
+                    Ok(())
+                } else {
+                    Err(Error::config(path, key.as_str(), format!("is {value}, but specforge-rs drafts implement only {want}")))
+                }
+            };
+            match key.as_str() {
+                // Honoured (read below).
+                "hidden_size"
+                | "intermediate_size"
+                | "num_attention_heads"
+                | "num_key_value_heads"
+                | "head_dim"
+                | "rms_norm_eps"
+                | "rope_theta"
+                | "max_position_embeddings"
+                | "vocab_size"
+                | "draft_vocab_size"
+                | "fc_norm"
+                | "norm_output"
+                | "norm_before_fc"
+                | "target_hidden_size"
+                | "eagle_aux_hidden_state_layer_ids"
+                | "eagle_config" => {}
+                // Bookkeeping that changes nothing the head computes.
+                "bos_token_id"
+                | "eos_token_id"
+                | "pad_token_id"
+                | "initializer_range"
+                | "torch_dtype"
+                | "dtype"
+                | "transformers_version"
+                | "use_cache"
+                | "max_window_layers"
+                | "_name_or_path" => {}
+                "architectures" => wants(
+                    value.as_array().is_some_and(|a| a.iter().any(|x| x.as_str() == Some("LlamaForCausalLMEagle3"))),
+                    "[\"LlamaForCausalLMEagle3\"]",
+                )?,
+                "model_type" => wants(value.as_str() == Some("llama"), "\"llama\"")?,
+                "num_hidden_layers" => wants(value.as_i64() == Some(1), "1 (one decoder layer, as vLLM and SGLang serve it)")?,
+                "hidden_act" => wants(value.as_str() == Some("silu"), "\"silu\"")?,
+                "attention_dropout" => wants(value.as_f64() == Some(0.0), "0.0")?,
+                "attention_bias" | "mlp_bias" | "tie_word_embeddings" | "use_sliding_window" | "norm_before_residual" => {
+                    wants(value.as_bool() == Some(false), "false")?
+                }
+                "rope_scaling" | "sliding_window" => wants(value.is_null(), "null (plain RoPE, full attention)")?,
+                _ => return Err(Error::config(path, key.as_str(), format!("({value}) is not a field specforge-rs can honour; remove it"))),
+            }
+        }
+        let vocab = obj.get("vocab_size").and_then(Value::as_i64);
+        if vocab != Some(target.vocab_size) {
+            return Err(Error::config(path, "vocab_size", format!("is {vocab:?}, the target's vocabulary is {}", target.vocab_size)));
+        }
+        match obj.get("target_hidden_size").map(Value::as_i64) {
+            None => {
+                obj.insert("target_hidden_size".into(), target.hidden_size.into());
+            }
+            Some(Some(t)) if t == target.hidden_size => {}
+            Some(t) => {
+                return Err(Error::config(
+                    path,
+                    "target_hidden_size",
+                    format!("is {t:?}, the target's hidden size is {}", target.hidden_size),
+                ))
+            }
+        }
+        if obj.get("eagle_aux_hidden_state_layer_ids").is_none()
+            && obj.get("eagle_config").and_then(|c| c.get("eagle_aux_hidden_state_layer_ids")).is_none()
+        {
+            obj.insert("eagle_aux_hidden_state_layer_ids".into(), aux_ids.into());
+        }
+        Self::from_value(&v, path)
+    }
+
+    fn from_value(v: &Value, path: &Path) -> Result<Self> {
         let int = |k: &str| -> Result<i64> {
             v.get(k).and_then(Value::as_i64).ok_or_else(|| Error::config(path, k, "is missing or not an integer"))
         };

@@ -41,6 +41,10 @@ pub struct TrainJob {
     /// Start from this head (export layout) instead of a fresh initialisation.
     #[arg(long)]
     pub init: Option<PathBuf>,
+    /// The head's architecture from another tool's draft config.json (SpecForge's
+    /// `configs/*-eagle3.json`, a vLLM draft); sets the recipe's `draft.config`.
+    #[arg(long)]
+    pub draft_config: Option<PathBuf>,
 }
 
 /// What training produced.
@@ -66,7 +70,10 @@ pub fn batch_options(recipe: &Recipe) -> BatchOptions {
 /// Runs `train`: the recipe's draft on its feature chunks, data-parallel over the runtime's
 /// ranks.
 pub fn run(job: &TrainJob, rt: &Runtime) -> Result<TrainResult> {
-    let recipe = Recipe::load(&job.recipe, &job.overrides)?;
+    let mut recipe = Recipe::load(&job.recipe, &job.overrides)?;
+    if let Some(c) = &job.draft_config {
+        recipe.draft.config = Some(c.clone());
+    }
     let dir = registry::resolve(&recipe.target.name)?;
     let head = TargetHead::load(&dir, Kind::Float, rt.device)?;
     let comm = crate::dist::collective_for(&rt.env, recipe.train.ddp_bucket_mb, Duration::from_secs(recipe.train.collective_timeout_s))?;

@@ -63,10 +63,34 @@ pub fn build_draft(recipe: &Recipe, head: &TargetHead, init: Option<&Path>, devi
     }
     let d = &recipe.draft;
     let aux = d.aux_ids(head.cfg.num_hidden_layers);
-    let mut cfg = Eagle3Config::for_target(&head.cfg, aux, d.draft_vocab_size as i64, d.variant == DraftVariant::Eagle31);
-    if let Some(i) = d.intermediate_size {
-        cfg.intermediate_size = i;
-    }
+    let eagle31 = d.variant == DraftVariant::Eagle31;
+    let cfg = match &d.config {
+        Some(path) => {
+            let cfg = Eagle3Config::from_llama_eagle3(path, &head.cfg, &aux)?;
+            // The recipe and the imported config must describe one head.
+            let disagree = |field: &str, recipe: String, file: String| {
+                Err(Error::config(path, field, format!("is {file} here but the recipe says {recipe} (draft.{field})")))
+            };
+            if cfg.aux_layer_ids != aux {
+                return disagree("aux_layer_ids", format!("{aux:?}"), format!("{:?}", cfg.aux_layer_ids));
+            }
+            if cfg.draft_vocab_size != d.draft_vocab_size as i64 {
+                return disagree("draft_vocab_size", d.draft_vocab_size.to_string(), cfg.draft_vocab_size.to_string());
+            }
+            if (cfg.fc_norm && cfg.norm_output) != eagle31 {
+                let file = if cfg.fc_norm && cfg.norm_output { "eagle3.1 (fc_norm, norm_output)" } else { "eagle3" };
+                return disagree("variant", d.variant.to_string(), file.to_string());
+            }
+            cfg
+        }
+        None => {
+            let mut cfg = Eagle3Config::for_target(&head.cfg, aux, d.draft_vocab_size as i64, eagle31);
+            if let Some(i) = d.intermediate_size {
+                cfg.intermediate_size = i;
+            }
+            cfg
+        }
+    };
     let t2d = load_vocab(d.vocab.as_deref(), head.cfg.vocab_size)?;
     tch::manual_seed(recipe.train.seed as i64);
     let mut draft = Eagle3Draft::new(cfg, &t2d, device)?;
