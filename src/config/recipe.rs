@@ -503,6 +503,32 @@ impl Recipe {
     }
 }
 
+/// The first dotted key whose value differs between two recipe texts: (key, before, after).
+pub fn first_difference(before: &str, after: &str) -> Option<(String, String, String)> {
+    fn walk(prefix: &str, a: Option<&toml::Value>, b: Option<&toml::Value>) -> Option<(String, String, String)> {
+        let show = |v: Option<&toml::Value>| v.map_or("absent".to_string(), |v| v.to_string());
+        match (a, b) {
+            (Some(toml::Value::Table(x)), Some(toml::Value::Table(y))) => {
+                let keys: std::collections::BTreeSet<&String> = x.keys().chain(y.keys()).collect();
+                keys.into_iter().find_map(|k| {
+                    let key = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+                    walk(&key, x.get(k), y.get(k))
+                })
+            }
+            (a, b) if a == b => None,
+            (a, b) => Some((prefix.to_string(), show(a), show(b))),
+        }
+    }
+    if before == after {
+        return None;
+    }
+    let parse = |t: &str| toml::from_str::<toml::Table>(t).ok().map(toml::Value::Table);
+    match (parse(before), parse(after)) {
+        (Some(a), Some(b)) => walk("", Some(&a), Some(&b)),
+        _ => Some(("recipe".into(), "unparsable or different text".into(), "this recipe".into())),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -518,6 +544,16 @@ mod tests {
         assert_eq!(r.draft.variant, DraftVariant::Eagle31);
         let again = Recipe::parse(&r.to_toml(), Path::new("r.toml"), &[]).unwrap();
         assert_eq!(again, r);
+    }
+
+    #[test]
+    fn the_first_differing_key_is_named() {
+        let a = Recipe::parse(MIN, Path::new("r.toml"), &[]).unwrap().to_toml();
+        let b = Recipe::parse(MIN, Path::new("r.toml"), &["train.lr=1e-3".into()]).unwrap().to_toml();
+        assert_eq!(first_difference(&a, &a), None);
+        assert_eq!(first_difference(&a, &b), Some(("train.lr".into(), "0.0001".into(), "0.001".into())));
+        let c = Recipe::parse(MIN, Path::new("r.toml"), &["data.limit=5".into()]).unwrap().to_toml();
+        assert_eq!(first_difference(&a, &c), Some(("data.limit".into(), "absent".into(), "5".into())));
     }
 
     #[test]

@@ -93,8 +93,7 @@ pub struct ExportResult {
 /// card from the checkpoint's recipe and its run's training log (acceptance is measured by `eval`
 /// or `run`, not here). It joins train's checkpoints, export's format and the run report, so it
 /// lives here rather than in `export`, which knows only the serving format.
-pub fn export(job: &ExportJob, rt: &Runtime) -> Result<ExportResult> {
-    let _ = rt;
+pub fn export(job: &ExportJob, _rt: &Runtime) -> Result<ExportResult> {
     let head = crate::train::checkpoint::head_dir(&job.checkpoint)?;
     let draft = Eagle3Draft::load(&head, Device::Cpu)?;
     crate::export::export(&draft, &job.out, job.export.format, job.export.verifier.as_deref())?;
@@ -155,11 +154,11 @@ pub fn run(recipe: &Recipe, run_dir: &Path, rt: &Runtime) -> Result<RunSummary> 
     let recipe_toml = recipe.to_toml();
     if recipe_path.exists() {
         let old = crate::error::read_to_string(&recipe_path)?;
-        if old != recipe_toml {
+        if let Some((key, then, now)) = crate::config::recipe::first_difference(&old, &recipe_toml) {
             return Err(Error::config(
                 &recipe_path,
-                "recipe",
-                "differs from the recipe this run directory was started with; use a new run directory",
+                key,
+                format!("is {then} in this run directory's recipe but {now} now: a run directory belongs to one recipe; use a new --out"),
             ));
         }
     } else {

@@ -130,32 +130,6 @@ pub struct Trainer<'a> {
     pub save_each_epoch: bool,
 }
 
-/// The first dotted key whose value differs between two recipe texts: (key, before, after).
-fn first_difference(before: &str, after: &str) -> Option<(String, String, String)> {
-    fn walk(prefix: &str, a: Option<&toml::Value>, b: Option<&toml::Value>) -> Option<(String, String, String)> {
-        let show = |v: Option<&toml::Value>| v.map_or("absent".to_string(), |v| v.to_string());
-        match (a, b) {
-            (Some(toml::Value::Table(x)), Some(toml::Value::Table(y))) => {
-                let keys: std::collections::BTreeSet<&String> = x.keys().chain(y.keys()).collect();
-                keys.into_iter().find_map(|k| {
-                    let key = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
-                    walk(&key, x.get(k), y.get(k))
-                })
-            }
-            (a, b) if a == b => None,
-            (a, b) => Some((prefix.to_string(), show(a), show(b))),
-        }
-    }
-    if before == after {
-        return None;
-    }
-    let parse = |t: &str| toml::from_str::<toml::Table>(t).ok().map(toml::Value::Table);
-    match (parse(before), parse(after)) {
-        (Some(a), Some(b)) => walk("", Some(&a), Some(&b)),
-        _ => Some(("recipe".into(), "unparsable or different text".into(), "this recipe".into())),
-    }
-}
-
 impl<'a> Trainer<'a> {
     /// A trainer for `draft`; resumes from `run_dir`'s latest checkpoint when there is one.
     ///
@@ -201,7 +175,7 @@ impl<'a> Trainer<'a> {
                 )));
             }
             let saved = crate::error::read_to_string(&ck.dir.join("recipe.toml"))?;
-            if let Some((key, then, now)) = first_difference(&saved, &t.recipe_toml) {
+            if let Some((key, then, now)) = crate::config::recipe::first_difference(&saved, &t.recipe_toml) {
                 return Err(Error::config(
                     ck.dir.join("recipe.toml"),
                     key,
