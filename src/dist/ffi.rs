@@ -23,6 +23,7 @@ struct SfWork {
 
 extern "C" {
     fn sf_free(p: *mut c_void);
+    fn sf_autocast_cuda_bf16(bf16: c_int, now_bf16: *mut c_int, err: *mut *mut c_char) -> c_int;
     fn sf_store_tcp(
         host: *const c_char,
         port: u16,
@@ -98,6 +99,15 @@ extern "C" {
 
 /// Milliseconds for c10d, at least 1 (0 would mean "no timeout" to some c10d paths) and clamped
 /// so that a huge Duration cannot overflow into a negative (= unset) value.
+/// Sets the dtype CUDA autocast computes in on this thread: bfloat16 (`true`) or libtorch's
+/// float16 default; returns whether bfloat16 is now in force.
+pub fn set_autocast_cuda_bf16(bf16: bool) -> Result<bool, String> {
+    let mut now: c_int = 0;
+    // SAFETY: `now` is a valid out-parameter for the call.
+    call(|err| unsafe { sf_autocast_cuda_bf16(c_int::from(bf16), &mut now, err) })?;
+    Ok(now != 0)
+}
+
 pub(crate) fn millis(d: Duration) -> i64 {
     d.as_millis().clamp(1, i64::MAX as u128 / 2) as i64
 }
@@ -401,5 +411,17 @@ impl Drop for RawWork {
     fn drop(&mut self) {
         // SAFETY: we own the handle and free it exactly once.
         unsafe { sf_work_free(self.0.as_ptr()) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// The autocast dtype is a libtorch setting, readable without a GPU: bfloat16 is what the
+    /// trainer asks for, and it takes.
+    #[test]
+    fn autocast_dtype_switches_to_bf16() {
+        assert!(super::set_autocast_cuda_bf16(true).unwrap());
+        assert!(!super::set_autocast_cuda_bf16(false).unwrap());
+        assert!(super::set_autocast_cuda_bf16(true).unwrap());
     }
 }

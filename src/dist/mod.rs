@@ -20,6 +20,7 @@ use std::time::Duration;
 
 pub use ddp::{collective_for, Collective, DdpGroup, SingleProcess};
 pub use env::{first_host, DistEnv, EnvSource, StoreMode, DEFAULT_PORT};
+pub use ffi::set_autocast_cuda_bf16;
 pub use process_group::{Backend, BackendChoice, GroupOptions, ProcessGroup, ReduceOp, Work};
 
 /// Errors of the distributed layer. Each names the rank it happened on where there is one.

@@ -21,6 +21,7 @@
 #include <string>
 #include <vector>
 
+#include <ATen/autocast_mode.h>
 #include <c10/util/Exception.h>
 #include <torch/csrc/distributed/c10d/Backend.hpp>
 #include <torch/csrc/distributed/c10d/PrefixStore.hpp>
@@ -123,6 +124,17 @@ struct sf_work {
 extern "C" {
 
 void sf_free(void* p) { std::free(p); }
+
+// ---- autocast ---------------------------------------------------------------------------------
+
+// The dtype CUDA autocast casts to on this thread. tch's `autocast` only switches autocast on,
+// which then uses libtorch's default, float16 (with no loss scaling); training means bfloat16.
+int sf_autocast_cuda_bf16(int bf16, int* now_bf16, char** err) {
+  return guarded(err, [&] {
+    at::autocast::set_autocast_dtype(at::kCUDA, bf16 != 0 ? at::kBFloat16 : at::kHalf);
+    *now_bf16 = at::autocast::get_autocast_dtype(at::kCUDA) == at::kBFloat16 ? 1 : 0;
+  });
+}
 
 // ---- stores ---------------------------------------------------------------------------------
 

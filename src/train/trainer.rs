@@ -283,6 +283,13 @@ impl<'a> Trainer<'a> {
             std::fs::create_dir_all(&self.run_dir).map_err(|e| Error::io(&self.run_dir, e))?;
             self.trim_metrics()?;
         }
+        if self.cfg.bf16 && self.device.is_cuda() {
+            // tch's autocast alone computes in float16 (libtorch's default) without loss scaling.
+            let bf16 = crate::dist::set_autocast_cuda_bf16(true).map_err(Error::Input)?;
+            if !bf16 {
+                return Err(Error::Input("CUDA autocast did not switch to bfloat16".into()));
+            }
+        }
         let accum = self.cfg.grad_accum;
         let bar = crate::util::progress::bar(total, "train");
         bar.set_position(self.state.step);
