@@ -46,7 +46,7 @@ enum Command {
     /// Train a draft head on feature chunks (TTT-k forward KL; DDP under `launch` / torchrun).
     Train(crate::train::TrainJob),
     /// One TTT step on given head weights and features: losses, metrics, optionally gradients.
-    TrainStep(stages::TrainStepArgs),
+    TrainStep(crate::train::step::TrainStepJob),
     /// Write a checkpoint as a vLLM / SGLang head (validated before writing).
     Export(crate::pipeline::ExportJob),
     /// Acceptance of a draft head on held-out prompts (vLLM's mean acceptance length and per-position rates).

@@ -5,18 +5,10 @@ use std::path::PathBuf;
 
 use clap::Args;
 use serde_json::json;
-use tch::{Kind, Tensor};
 
 use crate::config::Recipe;
-use crate::draft::Eagle3Draft;
-use crate::extract::reader::{load_batch, BatchSpec, SampleRef};
 use crate::runtime::Runtime;
-use crate::target::head::TargetHead;
-use crate::target::registry;
-use crate::train::setup::open_chunks;
-use crate::train::ttt::{ttt_forward, TttBatch};
 use crate::util::bytes;
-use crate::util::fs::write_atomic;
 
 /// `regenerate`.
 pub fn regenerate(j: &crate::generate::regenerate::RegenerateJob, rt: &Runtime) -> anyhow::Result<()> {
@@ -199,98 +191,17 @@ pub fn run(a: &RunArgs, rt: &Runtime) -> anyhow::Result<()> {
     Ok(())
 }
 
-#[derive(Args, Debug)]
-pub struct TrainStepArgs {
-    /// The head (export layout: config.json + model.safetensors).
-    #[arg(long)]
-    draft: PathBuf,
-    /// The target directory (only its embedding and lm_head are read).
-    #[arg(long)]
-    target: PathBuf,
-    /// A feature chunk; all its samples form one right-padded batch, in manifest order.
-    #[arg(long)]
-    features: PathBuf,
-    /// TTT length.
-    #[arg(long, default_value_t = 7)]
-    ttt: usize,
-    /// Loss weight decay per step.
-    #[arg(long, default_value_t = 0.8)]
-    decay: f64,
-    /// Where to write the losses and metrics (JSON).
-    #[arg(long)]
-    json: PathBuf,
-    /// Also save the gradients (safetensors, the head's tensor names).
-    #[arg(long)]
-    grads: Option<PathBuf>,
-    /// Benchmark: after the step, time this many more forward + backward passes and print
-    /// `bench_ttt impl=specforge-rs ... tokens_per_s=X`.
-    #[arg(long, default_value_t = 0)]
-    repeat: usize,
-}
-
-/// `train-step`: one TTT step (a test and benchmark tool).
-pub fn train_step(a: &TrainStepArgs, rt: &Runtime) -> anyhow::Result<()> {
-    let device = rt.device;
-    let draft = Eagle3Draft::load(&a.draft, device)?;
-    let head = TargetHead::load(&registry::resolve(a.target.to_str().unwrap_or_default())?, Kind::Float, device)?;
-    let chunks = open_chunks(std::slice::from_ref(&a.features), &head, &draft.cfg.aux_layer_ids)?;
-    let c = &chunks[0];
-    let samples: Vec<SampleRef> = (0..c.num_samples()).map(|s| SampleRef { chunk: 0, sample: s as u32 }).collect();
-    let seq_len = (0..c.num_samples()).map(|s| c.sample_len(s)).max().unwrap_or(0);
-    let tokens = (0..c.num_samples()).map(|s| c.sample_len(s)).sum();
-    let b = load_batch(&chunks, &BatchSpec { samples, seq_len, tokens }, device)?;
-    b.check_finite()?;
-    let batch = TttBatch {
-        input_ids: &b.input_ids,
-        attention_mask: &b.attention_mask,
-        loss_mask: &b.loss_mask,
-        aux: &b.aux,
-        last_hidden: &b.last_hidden,
-    };
-    let out = ttt_forward(&draft, &head.embed_tokens, &head.lm_head, &batch, a.ttt, a.decay)?;
-    if a.grads.is_some() {
-        out.weighted_loss.backward();
-    }
-    let c = &out.counts;
-    let report = json!({
-        "ttt": a.ttt,
-        "loss": out.losses,
-        "weighted_loss": out.weighted_loss.double_value(&[]),
-        "acc": c.acc(),
-        "cond_acc": c.cond_acc(),
-        "acc_correct": c.acc_correct,
-        "acc_denominator": c.acc_denominator,
-        "cond_correct": c.cond_correct,
-        "cond_denominator": c.cond_denominator,
-        "sim_accept_len": c.sim_accept_len(),
-        "positions": out.positions,
-    });
-    write_atomic(&a.json, serde_json::to_string_pretty(&report)?.as_bytes())?;
-    println!("{}", serde_json::to_string(&report)?);
-    if let Some(g) = &a.grads {
-        let grads: Vec<(String, Tensor)> =
-            draft.named_parameters().into_iter().map(|(n, p)| (n, p.grad())).filter(|(_, g)| g.defined()).collect();
-        crate::weights::save_safetensors(g, &grads, None)?;
-    }
-    if a.repeat > 0 {
-        let params = draft.named_parameters();
-        let start = std::time::Instant::now();
-        for _ in 0..a.repeat {
-            for (_, p) in &params {
-                let mut g = p.grad();
-                if g.defined() {
-                    let _ = g.zero_();
-                }
-            }
-            ttt_forward(&draft, &head.embed_tokens, &head.lm_head, &batch, a.ttt, a.decay)?.weighted_loss.backward();
-        }
-        let secs = start.elapsed().as_secs_f64() / a.repeat as f64;
-        let tokens: i64 = b.lengths.iter().sum();
+/// `train-step`.
+pub fn train_step(j: &crate::train::step::TrainStepJob, rt: &Runtime) -> anyhow::Result<()> {
+    let r = crate::train::step::run(j, rt)?;
+    println!("{}", serde_json::to_string(&r.report)?);
+    if let Some(secs) = r.bench_step_s {
         println!(
-            "bench_ttt impl=specforge-rs ttt={} tokens={tokens} threads={} step_s={secs:.3} tokens_per_s={:.1}",
-            a.ttt,
+            "bench_ttt impl=specforge-rs ttt={} tokens={} threads={} step_s={secs:.3} tokens_per_s={:.1}",
+            j.ttt,
+            r.tokens,
             tch::get_num_threads(),
-            tokens as f64 / secs
+            r.tokens as f64 / secs
         );
     }
     Ok(())

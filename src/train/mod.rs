@@ -5,6 +5,7 @@ pub mod checkpoint;
 pub mod data;
 pub mod optim;
 pub mod setup;
+pub mod step;
 pub mod trainer;
 pub mod ttt;
 
