@@ -69,13 +69,14 @@ pub fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     crate::util::logging::init(cli.verbose);
     // `launch` only starts processes; every other command runs with a resolved runtime.
-    if let Command::Launch(a) = cli.command {
-        return launch::run(a);
-    }
+    let command = match cli.command {
+        Command::Launch(a) => return launch::run(a),
+        other => other,
+    };
     let rt = Runtime::resolve(&cli.runtime)?;
     rt.install();
-    match cli.command {
-        Command::Launch(_) => unreachable!("handled above"),
+    match command {
+        Command::Launch(a) => launch::run(a),
         Command::Generate(j) => stages::generate(&j, &rt),
         Command::DistSelftest(a) => dist_selftest::run(a, &rt),
         Command::Regenerate(j) => stages::regenerate(&j, &rt),
