@@ -82,7 +82,7 @@ pub fn chunk_slice(samples: &[Sample], n: usize, c: usize) -> &[Sample] {
         return if c == 0 { samples } else { &[] };
     }
     let lo = (c.saturating_mul(n)).min(samples.len());
-    let hi = (lo + n).min(samples.len());
+    let hi = lo.saturating_add(n).min(samples.len());
     &samples[lo..hi]
 }
 
@@ -194,4 +194,29 @@ fn check_disk(plan: &ExtractPlan, done_bytes: u64, max_disk: Option<u64>, out: &
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn chunk_slices_cover_the_dataset_and_never_overflow() {
+        let samples: Vec<crate::data::Sample> = (0..10)
+            .map(|i| crate::data::Sample {
+                index: i,
+                line: i + 1,
+                id: i.to_string(),
+                input_ids: vec![1],
+                loss_mask: vec![1],
+                truncated: false,
+            })
+            .collect();
+        let lens = |n, c| super::chunk_slice(&samples, n, c).iter().map(|s| s.index).collect::<Vec<_>>();
+        assert_eq!(lens(4, 0), [0, 1, 2, 3]);
+        assert_eq!(lens(4, 2), [8, 9]);
+        assert!(lens(4, 3).is_empty());
+        assert_eq!(lens(0, 0).len(), 10);
+        assert!(lens(0, 1).is_empty());
+        assert_eq!(lens(usize::MAX, 0).len(), 10);
+        assert!(lens(usize::MAX, usize::MAX).is_empty());
+    }
 }
