@@ -425,7 +425,7 @@ fn read_line_bounded(r: &mut impl BufRead, buf: &mut Vec<u8>, limit: usize) -> s
         }
         let newline = chunk.iter().position(|&b| b == b'\n');
         let take = newline.map_or(chunk.len(), |i| i + 1);
-        let room = (limit + 1).saturating_sub(buf.len());
+        let room = limit.saturating_add(1).saturating_sub(buf.len());
         let piece = &chunk[..take];
         buf.extend_from_slice(&piece[..take.min(room)]);
         let nul = piece.contains(&0);
