@@ -45,7 +45,6 @@ use crate::train::setup::build_draft;
 use crate::train::trainer::{MicroBatches, StepMetrics, TrainBatch};
 use crate::train::TrainResult;
 use crate::util::fs::write_atomic;
-use crate::vocab::VocabJob;
 use card::CardFacts;
 
 /// What a finished run produced.
@@ -194,16 +193,8 @@ pub fn run(recipe: &Recipe, run_dir: &Path, rt: &Runtime) -> Result<RunSummary> 
         None => {
             let p = run_dir.join("vocab.safetensors");
             if crate::vocab::load(&p).is_err() {
-                let job = VocabJob {
-                    target: recipe.target.clone(),
-                    data: Some(train_data.clone()),
-                    shards: Vec::new(),
-                    draft_vocab_size: recipe.draft.draft_vocab_size,
-                    out: p.clone(),
-                    report: Some(run_dir.join("train.bad-lines.jsonl")),
-                    dataset: recipe.data.clone(),
-                };
-                let v = crate::vocab::run_on(&target, &job, rt)?;
+                let counts = crate::vocab::count_samples(&samples, target.cfg.vocab_size as usize)?;
+                let v = crate::vocab::write_vocab(&target, &counts, recipe.draft.draft_vocab_size, &p)?;
                 println!(
                     "run: draft vocabulary of {} tokens covers {:.1}% of the supervised tokens",
                     v.vocab.draft_vocab_size(),

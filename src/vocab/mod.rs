@@ -102,10 +102,17 @@ pub fn run_on(target: &LoadedTarget, job: &VocabJob, rt: &Runtime) -> Result<Voc
     } else {
         return Err(Error::Input("give --data (a dataset) or --shards (extracted chunks) to count tokens from".into()));
     };
+    write_vocab(target, &counts, job.draft_vocab_size, &job.out)
+}
+
+/// The vocabulary of `draft_vocab_size` tokens from `counts` (`[V]`) and the target's forced
+/// tokens, saved to `out` with its coverage report beside it. `run` calls this with the samples
+/// it has already tokenised, so the dataset is read once.
+pub fn write_vocab(target: &LoadedTarget, counts: &[u64], draft_vocab_size: usize, out: &Path) -> Result<VocabResult> {
     let forced = forced_tokens(&target.tok, &target.cfg.eos_token_ids);
-    let dv = build(&counts, job.draft_vocab_size, &forced)?;
-    dv.save(&job.out, &target.cfg.config_hash)?;
-    let report = report_path(&job.out);
+    let dv = build(counts, draft_vocab_size, &forced)?;
+    dv.save(out, &target.cfg.config_hash)?;
+    let report = report_path(out);
     let text = serde_json::to_string_pretty(&dv.report_json(Some(&target.tok))).map_err(|e| Error::Input(e.to_string()))?;
     crate::util::fs::write_atomic(&report, text.as_bytes())?;
     Ok(VocabResult { vocab: dv, report })
