@@ -150,30 +150,16 @@ fn ranks_with_different_recipes_stop_naming_the_difference() {
 /// the gradient all-reduce: the job finishes instead of hanging on mismatched collectives.
 #[test]
 fn a_rank_with_only_skipped_batches_still_joins_the_collectives() {
-    use specforge_rs::weights::save_safetensors;
     let fx = reference("ttt_reference.py", &["make", "{out}", "--seed", "3"]);
     let dir = tempfile::tempdir().unwrap();
     // Every sample but the first poisoned: whenever one rank holds sample 0, the other skips.
-    let src = fx.join("features");
-    let dst = dir.path().join("mostly-nan");
-    std::fs::create_dir_all(&dst).unwrap();
-    let name = "shard-00000-00000.safetensors";
-    let f = SafetensorsFile::open(&src.join(name)).unwrap();
-    let mut tensors: Vec<(String, Tensor)> = f.names().map(|n| (n.to_string(), f.tensor(n).unwrap())).collect();
-    let offsets: Vec<i64> = Vec::try_from(&f.tensor("offsets").unwrap()).unwrap();
-    for (n, t) in tensors.iter_mut() {
+    let dst = edited_chunk(&fx.join("features"), &dir.path().join("mostly-nan"), |n, t, offsets| {
         if n == "aux" {
             for &start in &offsets[1..offsets.len() - 1] {
                 let _ = t.get(start).fill_(f64::NAN);
             }
         }
-    }
-    save_safetensors(&dst.join(name), &tensors, None).unwrap();
-    let bytes = std::fs::read(dst.join(name)).unwrap();
-    let mut m: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(src.join("manifest.json")).unwrap()).unwrap();
-    m["shards"][0]["xxh3"] = format!("{:016x}", xxhash_rust::xxh3::xxh3_64(&bytes)).into();
-    m["shards"][0]["bytes"] = bytes.len().into();
-    std::fs::write(dst.join("manifest.json"), serde_json::to_string_pretty(&m).unwrap()).unwrap();
+    });
     let r = recipe(dir.path(), &fx, 1);
     let text = std::fs::read_to_string(&r).unwrap().replace("collective_timeout_s = 60", "collective_timeout_s = 20");
     std::fs::write(&r, text).unwrap();

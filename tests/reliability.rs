@@ -350,6 +350,13 @@ fn bad_inputs_end_in_a_clear_error_or_a_counted_skip() {
         std::fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
         dir
     };
+    // `extract` on a broken target copy, into a directory of its own.
+    let extract_with = |target: &Path| {
+        let mut c = bin();
+        let out = tmp.path().join(format!("out-{}", target.file_name().unwrap().to_string_lossy()));
+        c.args(["extract", "--target", target.to_str().unwrap(), "--data", d, "--out", out.to_str().unwrap()]);
+        c
+    };
     type Edit = Box<dyn Fn(&mut serde_json::Value)>;
     let cases: Vec<(&str, Edit)> = vec![
         ("zero heads", Box::new(|c| c["num_attention_heads"] = 0.into())),
@@ -362,18 +369,7 @@ fn bad_inputs_end_in_a_clear_error_or_a_counted_skip() {
     ];
     for (i, (what, edit)) in cases.iter().enumerate() {
         let dir = broken_target(&format!("cfg-{i}"), edit.as_ref());
-        refused(
-            what,
-            bin().args([
-                "extract",
-                "--target",
-                dir.to_str().unwrap(),
-                "--data",
-                d,
-                "--out",
-                tmp.path().join(format!("o{i}")).to_str().unwrap(),
-            ]),
-        );
+        refused(what, &mut extract_with(&dir));
     }
 
     // Weights: truncated, junk header, a pickle checkpoint instead of safetensors.
@@ -395,18 +391,7 @@ fn bad_inputs_end_in_a_clear_error_or_a_counted_skip() {
     for (i, (what, edit)) in weights_cases.iter().enumerate() {
         let dir = broken_target(&format!("w-{i}"), &|_| {});
         edit(&dir);
-        refused(
-            what,
-            bin().args([
-                "extract",
-                "--target",
-                dir.to_str().unwrap(),
-                "--data",
-                d,
-                "--out",
-                tmp.path().join(format!("ow{i}")).to_str().unwrap(),
-            ]),
-        );
+        refused(what, &mut extract_with(&dir));
     }
 
     // Chat templates that never end or grow without bound.

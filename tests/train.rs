@@ -8,7 +8,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
-use specforge_rs::weights::{save_safetensors, SafetensorsFile};
+use specforge_rs::weights::SafetensorsFile;
 use tch::{Kind, Tensor};
 
 fn fixture() -> PathBuf {
@@ -113,28 +113,14 @@ fn aux_width_mismatch_is_refused() {
 /// Copies the fixture chunk with NaN / inf written into the features of samples 1 and 3, with
 /// checksums recomputed (the reader would otherwise refuse the files as corrupt).
 fn poisoned_chunk(fx: &Path, dir: &Path) -> PathBuf {
-    let src = fx.join("features");
-    let dst = dir.join("poisoned");
-    std::fs::create_dir_all(&dst).unwrap();
-    let name = "shard-00000-00000.safetensors";
-    let f = SafetensorsFile::open(&src.join(name)).unwrap();
-    let mut tensors: Vec<(String, Tensor)> = f.names().map(|n| (n.to_string(), f.tensor(n).unwrap())).collect();
-    let offsets: Vec<i64> = Vec::try_from(&f.tensor("offsets").unwrap()).unwrap();
-    for (n, t) in tensors.iter_mut() {
+    edited_chunk(&fx.join("features"), &dir.join("poisoned"), |n, t, offsets| {
         if n == "aux" {
             let _ = t.get(offsets[1] + 2).fill_(f64::NAN);
         }
         if n == "last_hidden" {
             let _ = t.get(offsets[3]).fill_(f64::INFINITY);
         }
-    }
-    save_safetensors(&dst.join(name), &tensors, None).unwrap();
-    let bytes = std::fs::read(dst.join(name)).unwrap();
-    let mut m: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(src.join("manifest.json")).unwrap()).unwrap();
-    m["shards"][0]["xxh3"] = format!("{:016x}", xxhash_rust::xxh3::xxh3_64(&bytes)).into();
-    m["shards"][0]["bytes"] = bytes.len().into();
-    std::fs::write(dst.join("manifest.json"), serde_json::to_string_pretty(&m).unwrap()).unwrap();
-    dst
+    })
 }
 
 #[test]

@@ -81,3 +81,24 @@ pub fn assert_close(what: &str, actual: &Tensor, expected: &Tensor, kind: Kind) 
     let r = rel_err(actual, expected);
     assert!(r <= tol_for(kind), "{what}: relative error {r:.3e} > {:.1e}", tol_for(kind));
 }
+
+/// Copies the one-shard fixture chunk `src` to `dst` with `edit(tensor name, tensor, offsets)`
+/// applied to its tensors, and the manifest's size and checksum recomputed (the reader would
+/// otherwise refuse the shard as corrupt).
+pub fn edited_chunk(src: &Path, dst: &Path, edit: impl Fn(&str, &mut Tensor, &[i64])) -> PathBuf {
+    std::fs::create_dir_all(dst).unwrap();
+    let name = "shard-00000-00000.safetensors";
+    let f = specforge_rs::weights::SafetensorsFile::open(&src.join(name)).unwrap();
+    let mut tensors: Vec<(String, Tensor)> = f.names().map(|n| (n.to_string(), f.tensor(n).unwrap())).collect();
+    let offsets: Vec<i64> = Vec::try_from(&f.tensor("offsets").unwrap()).unwrap();
+    for (n, t) in tensors.iter_mut() {
+        edit(n, t, &offsets);
+    }
+    specforge_rs::weights::save_safetensors(&dst.join(name), &tensors, None).unwrap();
+    let bytes = std::fs::read(dst.join(name)).unwrap();
+    let mut m: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(src.join("manifest.json")).unwrap()).unwrap();
+    m["shards"][0]["xxh3"] = format!("{:016x}", xxhash_rust::xxh3::xxh3_64(&bytes)).into();
+    m["shards"][0]["bytes"] = bytes.len().into();
+    std::fs::write(dst.join("manifest.json"), serde_json::to_string_pretty(&m).unwrap()).unwrap();
+    dst.to_path_buf()
+}
